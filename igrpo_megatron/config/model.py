@@ -16,9 +16,6 @@ class ModelConfig:
     architecture: str = param("qwen2", choices=ARCHITECTURES,
                               help="Model family: 'qwen2' (Qwen2/2.5-style GPT: R1-Distill-Qwen, "
                                    "OpenReasoning-Nemotron) or 'nemotron_h' (hybrid Mamba-Transformer).")
-    preset: str | None = param(None, help="Name of a size preset in igrpo_megatron.models.presets "
-                                          "(e.g. 'qwen2.5-7b', 'nemotron-h-8b'); its values fill the fields "
-                                          "below that the recipe leaves unset. null: no preset.")
     num_layers: int = param(2, help="Number of layers (for nemotron_h: must equal len(hybrid_pattern)).")
     hidden_size: int = param(128, help="Model width.")
     ffn_hidden_size: int = param(256, help="MLP inner width (SwiGLU for qwen2, squared-ReLU for nemotron_h).")

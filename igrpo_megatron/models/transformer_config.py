@@ -61,6 +61,9 @@ def make_transformer_config(model: ModelConfig, parallel: ParallelConfig, **over
         gradient_accumulation_fusion=False,
         persist_layer_norm=False,
         deallocate_pipeline_outputs=on_gpu,
+        # gloo has no ordering guarantee inside a batched isend/irecv: with PP=2 a rank's next and
+        # previous stage are the same peer, and interleaved schedules then swap activations and grads.
+        batch_p2p_comm=on_gpu,
     )
     kwargs.update(overrides)
     valid = {f.name for f in dataclasses.fields(TransformerConfig)}

@@ -1,0 +1,84 @@
+"""The ``igrpo`` command: ``igrpo config show RECIPE [overrides]``, ``igrpo serve-rollout RECIPE`` ...
+
+Every command takes a recipe file and Hydra-style overrides (``a.b=1``, ``+a.new=2``, ``~a.b``),
+loads them into one typed recipe object and hands that to the part that does the work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+
+logger = logging.getLogger("igrpo_megatron")
+
+_COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
+
+
+def command(name: str):
+    """Register a sub-command handler under ``name`` (``config``, ``serve-rollout``, ...)."""
+
+    def register(fn: Callable[[argparse.Namespace], int]):
+        _COMMANDS[name] = fn
+        return fn
+
+    return register
+
+
+def _add_recipe_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("recipe", help="recipe YAML file (see recipes/)")
+    parser.add_argument("overrides", nargs="*", help="Hydra-style overrides: a.b=1, +a.new=2, ~a.b")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="igrpo",
+        description="iGRPO (Iterative Group Relative Policy Optimization) on Megatron-Core "
+                    "with a vLLM rollout sidecar.",
+        epilog="Example: igrpo config show recipes/tiny_cpu.yaml trainer.num_steps=5",
+    )
+    parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    config = sub.add_parser("config", help="inspect recipes")
+    config_sub = config.add_subparsers(dest="config_command", metavar="ACTION", required=True)
+    show = config_sub.add_parser("show", help="print the fully resolved recipe as YAML")
+    _add_recipe_args(show)
+
+    serve = sub.add_parser("serve-rollout", help="start the vLLM rollout sidecar for a recipe and keep it up")
+    _add_recipe_args(serve)
+    return parser
+
+
+@command("config")
+def _config(args: argparse.Namespace) -> int:
+    from igrpo_megatron.config import load_recipe, recipe_to_yaml
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    sys.stdout.write(recipe_to_yaml(recipe))
+    return 0
+
+
+@command("serve-rollout")
+def _serve_rollout(args: argparse.Namespace) -> int:
+    from igrpo_megatron.config import load_recipe
+    from igrpo_megatron.rollout.server import serve_from_recipe
+
+    return serve_from_recipe(load_recipe(args.recipe, args.overrides))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from igrpo_megatron.config import RecipeError
+
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return _COMMANDS[args.command](args)
+    except RecipeError as exc:
+        sys.stderr.write(f"igrpo: {exc}\n")
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
