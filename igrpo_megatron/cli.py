@@ -45,6 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
     config_sub = config.add_subparsers(dest="config_command", metavar="ACTION", required=True)
     show = config_sub.add_parser("show", help="print the fully resolved recipe as YAML")
     _add_recipe_args(show)
+    get = config_sub.add_parser("get", help="print one resolved value (for shell scripts)")
+    get.add_argument("recipe", help="recipe YAML file")
+    get.add_argument("key", help="dotted key, e.g. cluster.gpus_per_node")
+    get.add_argument("overrides", nargs="*", help="Hydra-style overrides")
 
     serve = sub.add_parser("serve-rollout", help="start the vLLM rollout sidecar for a recipe and keep it up")
     _add_recipe_args(serve)
@@ -53,9 +57,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 @command("config")
 def _config(args: argparse.Namespace) -> int:
-    from igrpo_megatron.config import load_recipe, recipe_to_yaml
+    from igrpo_megatron.config import RecipeError, load_recipe, recipe_to_yaml
 
     recipe = load_recipe(args.recipe, args.overrides)
+    if args.config_command == "get":
+        value: object = recipe
+        for part in args.key.split("."):
+            if not hasattr(value, part):
+                raise RecipeError(f"{args.key}: no such key in the recipe")
+            value = getattr(value, part)
+        sys.stdout.write(("" if value is None else str(value)) + "\n")
+        return 0
     sys.stdout.write(recipe_to_yaml(recipe))
     return 0
 

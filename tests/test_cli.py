@@ -37,3 +37,10 @@ def test_config_show_reports_errors_with_exit_code_2():
     out = igrpo("config", "show", "recipes/tiny_cpu.yaml", "model.hiden=3")
     assert out.returncode == 2
     assert "unknown key 'model.hiden'" in out.stderr
+
+
+def test_config_get_prints_one_value():
+    out = igrpo("config", "get", "recipes/tiny_cpu.yaml", "model.num_attention_heads", "model.num_attention_heads=4")
+    assert out.returncode == 0 and out.stdout.strip() == "4"
+    bad = igrpo("config", "get", "recipes/tiny_cpu.yaml", "model.nope")
+    assert bad.returncode == 2 and "model.nope: no such key" in bad.stderr
