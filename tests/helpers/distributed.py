@@ -7,12 +7,14 @@ must be a module-level function (it is pickled into freshly spawned processes).
 
 from __future__ import annotations
 
+import io
 import os
 import socket
 import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import torch
 import torch.multiprocessing as mp
 
 
@@ -35,7 +37,11 @@ def _rank_main(fn, rank, world_size, port, args, env, queue):
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world_size)
         result = fn(rank, world_size, *args)
-        queue.put((rank, "ok", result))
+        # Serialise with torch.save: tensors sent through the queue as-is would be shared by file
+        # descriptor, which dies with this process before the parent reads it.
+        buf = io.BytesIO()
+        torch.save(result, buf)
+        queue.put((rank, "ok", buf.getvalue()))
     except BaseException:  # report any failure to the parent, with its traceback
         queue.put((rank, "error", traceback.format_exc()))
     finally:
@@ -69,7 +75,7 @@ def run_on_ranks(
         if not queue.empty():
             rank, status, payload = queue.get()
             if status == "ok":
-                results[rank] = payload
+                results[rank] = torch.load(io.BytesIO(payload), weights_only=False)
             else:
                 errors.append(f"rank {rank} failed:\n{payload}")
                 break
