@@ -1,0 +1,92 @@
+"""A verifiable math task generated on the fly: multi-step integer arithmetic.
+
+Each problem chains a few operations on small integers, e.g. "Start with 7. Add 5. Multiply by 3.
+Subtract 4. What is the result?", so the answer is a unique integer that math-verify can check.
+Worked solutions (one line per step, inside ``<think>``, then ``<answer>``) are what the tiny
+recipe's supervised warm-start learns from; RL then only sees problem and answer.
+
+Train and held-out problems never overlap: a problem belongs to the held-out split when a hash
+of its text falls in the held-out bucket, whatever seed generated it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from dataclasses import dataclass
+
+_OPS = (
+    ("Add {n}.", "+", lambda x, n: x + n),
+    ("Subtract {n}.", "-", lambda x, n: x - n),
+    ("Multiply by {n}.", "*", lambda x, n: x * n),
+)
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One task item: the question, its integer answer and a worked solution."""
+
+    problem: str
+    answer: str
+    solution: str
+
+
+def _split_of(text: str, heldout_percent: int) -> str:
+    bucket = int(hashlib.sha1(text.encode()).hexdigest()[:8], 16) % 100
+    return "heldout" if bucket < heldout_percent else "train"
+
+
+@dataclass
+class ArithmeticTask:
+    """Generator of :class:`Problem` items. ``steps`` operations on numbers up to ``max_operand``."""
+
+    min_steps: int = 2
+    max_steps: int = 3
+    max_operand: int = 9
+    max_start: int = 20
+    heldout_percent: int = 10
+
+    def _make(self, rng: random.Random) -> Problem:
+        start = rng.randint(0, self.max_start)
+        steps = rng.randint(self.min_steps, self.max_steps)
+        words, lines = [f"Start with {start}."], []
+        value = start
+        for _ in range(steps):
+            template, symbol, fn = rng.choice(_OPS)
+            n = rng.randint(2 if symbol == "*" else 1, self.max_operand)
+            new = fn(value, n)
+            words.append(template.format(n=n))
+            lines.append(f"{value} {symbol} {n} = {new}")
+            value = new
+        problem = " ".join(words) + " What is the result?"
+        solution = "<think>" + "\n".join(lines) + f"</think><answer>{value}</answer>"
+        return Problem(problem=problem, answer=str(value), solution=solution)
+
+    def generate(self, n: int, split: str, seed: int) -> list[Problem]:
+        """``n`` distinct problems of ``split`` ('train' or 'heldout'), deterministic in ``seed``."""
+        if split not in ("train", "heldout"):
+            raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
+        rng = random.Random(f"{seed}:{split}")
+        seen: set[str] = set()
+        out: list[Problem] = []
+        attempts = 0
+        while len(out) < n:
+            attempts += 1
+            if attempts > 200 * n + 1000:
+                raise ValueError(f"could not find {n} distinct {split} problems; widen the task's ranges")
+            item = self._make(rng)
+            if item.problem in seen or _split_of(item.problem, self.heldout_percent) != split:
+                continue
+            seen.add(item.problem)
+            out.append(item)
+        return out
+
+
+SYNTHETIC_TASKS = {"arithmetic": ArithmeticTask}
+
+
+def build_task(name: str) -> ArithmeticTask:
+    """The built-in generated task called ``name`` (recipe key ``data.synthetic_task``)."""
+    if name not in SYNTHETIC_TASKS:
+        raise ValueError(f"data.synthetic_task={name!r} is not known; built-in tasks: {sorted(SYNTHETIC_TASKS)}")
+    return SYNTHETIC_TASKS[name]()

@@ -1,0 +1,108 @@
+"""One RL step on a fixed batch gives the same loss and updated weights at every layout.
+
+Ranks: 1 (reference), then 2 each for TP=2, PP=2 and DP=2 (distributed optimizer). The weights
+start from one HF checkpoint (imported at each layout); the batch mixes lengths so micro-batches
+differ between layouts (token budget 96 over the rank's share of the batch).
+"""
+
+import random
+
+import pytest
+import torch
+
+from igrpo_megatron.config.schema import RecipeConfig
+from tests.helpers.distributed import run_on_ranks
+from tests.helpers.tiny_models import build_tiny_qwen2
+
+pytestmark = [pytest.mark.multiprocess, pytest.mark.timeout(900)]
+
+VOCAB = 128
+
+
+def recipe(hf_path: str, **parallel) -> RecipeConfig:
+    r = RecipeConfig()
+    m = r.model
+    m.num_layers, m.hidden_size, m.ffn_hidden_size = 2, 128, 256
+    m.num_attention_heads, m.num_query_groups, m.vocab_size = 2, 1, VOCAB
+    m.max_position_embeddings, m.hf_path, m.transformer_impl = 1024, hf_path, "local"
+    for key, value in parallel.items():
+        setattr(r.parallel, key, value)
+    r.optimizer.lr, r.optimizer.warmup_fraction, r.optimizer.weight_decay = 1e-3, 0.0, 0.0
+    # The key bias has an exactly-zero true gradient (softmax ignores a per-query constant), so its
+    # computed gradient is rounding noise of ~1e-10 that Adam's g / (|g| + eps) turns into +-lr with
+    # eps = 1e-8. eps = 1e-5 keeps noise from being amplified and leaves real updates (|g| ~ 1e-3) alone.
+    r.optimizer.adam_eps = 1e-5
+    r.trainer.micro_batch_tokens = 96
+    r.rollout.sampling.temperature = 0.7
+    r.algorithm.loss.kl.coef = 0.0
+    return r
+
+
+def fixed_batch():
+    from igrpo_megatron.training.batch import Sequence, TrainBatch
+
+    rng = random.Random(0)
+    seqs = []
+    for i in range(8):
+        prompt = [rng.randrange(VOCAB) for _ in range(rng.randint(3, 9))]
+        completion = [rng.randrange(VOCAB) for _ in range(rng.randint(0 if i == 5 else 2, 14))]
+        seqs.append(Sequence(prompt, completion, advantage=rng.uniform(-1.5, 1.5), group=i // 4,
+                             rollout_logprobs=[-rng.uniform(3, 6) for _ in completion]))
+    return TrainBatch(seqs)
+
+
+def _one_step(rank, world_size, hf_path, parallel):
+    from igrpo_megatron.runtime.cpu_mode import enable_cpu_mode
+    from igrpo_megatron.runtime.parallel import destroy_distributed, init_distributed
+    from igrpo_megatron.training.policy import MegatronPolicy
+
+    enable_cpu_mode()
+    r = recipe(hf_path, **parallel)
+    init_distributed(r.parallel, seed=1)
+    policy = MegatronPolicy(r, total_optimizer_steps=10)
+    policy.setup()
+    metrics = policy.train_step(fixed_batch())
+    weights = dict(policy.export_hf_weights())
+    destroy_distributed()
+    return metrics, weights
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    return str(build_tiny_qwen2(tmp_path_factory.mktemp("hf") / "m", vocab_size=VOCAB, hidden=128, heads=2,
+                                kv_heads=1, layers=2, intermediate=256, init_std=0.1, seed=5))
+
+
+@pytest.fixture(scope="module")
+def reference(hf_dir):
+    return run_on_ranks(_one_step, 1, args=(hf_dir, {}))[0]
+
+
+def test_reference_step_moves_the_weights(reference, hf_dir):
+    from tests.helpers.tiny_models import load_state_dict
+
+    metrics, weights = reference
+    assert torch.isfinite(torch.tensor(metrics["loss"]))
+    assert metrics["grad_norm"] > 0
+    assert 0 < metrics["entropy"] < torch.log(torch.tensor(float(VOCAB))).item() + 1e-3
+    before = load_state_dict(hf_dir)
+    moved = [n for n in before if not torch.equal(before[n], weights[n])]
+    assert len(moved) == len(before)  # Adam moves every tensor on the first step
+
+
+@pytest.mark.parametrize("world_size, layout", [
+    (2, dict(tensor_model_parallel_size=2, use_distributed_optimizer=False)),
+    (2, dict(pipeline_model_parallel_size=2, use_distributed_optimizer=False)),
+    (2, dict(use_distributed_optimizer=True)),
+], ids=["tp2", "pp2", "dp2"])
+def test_layout_gives_the_same_step(reference, hf_dir, world_size, layout):
+    ref_metrics, ref_weights = reference
+    metrics, weights = run_on_ranks(_one_step, world_size, args=(hf_dir, layout))[0]
+    for key in ("loss", "grad_norm", "entropy", "ratio_mean"):
+        assert metrics[key] == pytest.approx(ref_metrics[key], rel=1e-5), key
+    # Weights are compared as whole tensors, ||w - w_ref|| / ||w_ref||: Adam's first step is
+    # lr * g / (|g| + eps) per element, so an element whose gradient is ~eps may move by a
+    # different fraction of lr when the reduction order changes; the tensor as a whole may not.
+    for name, tensor in ref_weights.items():
+        rel = ((weights[name] - tensor).norm() / tensor.norm()).item()
+        assert rel < 1e-5, f"{name}: relative difference {rel:.2e}"
