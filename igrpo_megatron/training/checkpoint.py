@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import shutil
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
-from megatron.core import dist_checkpointing
+from megatron.core import dist_checkpointing, tensor_parallel
 
 logger = logging.getLogger(__name__)
 
@@ -78,3 +80,187 @@ def load_model_weights(chunks: list[torch.nn.Module], directory: str | os.PathLi
         for i, c in enumerate(chunks):
             unwrap(c).load_state_dict(state[f"{_MODEL_KEY}{i}"], strict=True)
     logger.info("loaded model weights from %s", path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Full training checkpoints: model + optimizer (re-shardable) + the loop's own state.
+#
+#   <root>/step_000012/          dist_checkpointing files (model, optimizer), written as .tmp first
+#   <root>/step_000012/trainer_state.pt   scheduler, step, data position, metrics history (rank 0)
+#   <root>/step_000012/rng/rank_00003.pt  each rank's RNG states (restored when the layout matches)
+#   <root>/step_000012/recipe.yaml        the resolved recipe
+#   <root>/latest                         name of the newest complete checkpoint, updated last
+# ---------------------------------------------------------------------------------------------
+
+TRAINER_STATE = "trainer_state.pt"
+LATEST = "latest"
+# The distributed optimizer's only format that re-shards across TP/PP as well as DP.
+_OPTIM_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
+
+
+def _step_dir(root: Path, step: int) -> Path:
+    return root / f"step_{step:06d}"
+
+
+def _rng_state() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _ensure_optimizer_state(optimizer) -> None:
+    """Give every parameter placeholder Adam state (zeros, step 0) before a load.
+
+    A fresh torch Adam has no state until its first step, and Megatron's distributed optimizer
+    (without TE/Apex) reads the step count out of that state when it describes what to load;
+    the placeholder is dropped again before the loaded state goes in.
+    """
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = opt.optimizer
+        for group in inner.param_groups:
+            for p in group["params"]:
+                if not inner.state[p]:
+                    inner.state[p].update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(p.data),
+                                          exp_avg_sq=torch.zeros_like(p.data))
+
+
+def _tolerate_missing_step(opt) -> None:
+    """Work around megatron-core's fully-reshardable load with torch Adam (no TE/Apex).
+
+    Its loader sets each parameter's Adam ``step`` from the param groups, then copies *every*
+    state key from the checkpoint's per-parameter tensors, which never hold ``step`` (it skips
+    them on purpose): a KeyError. Supplying the step it has just set makes that copy a no-op.
+    """
+    setter = getattr(opt, "_set_main_param_and_optimizer_states", None)
+    if setter is None or getattr(setter, "_igrpo_tolerant", False):
+        return
+
+    def tolerant(model_param, tensors):
+        group_index, group_order = opt.model_param_group_index_map[model_param]
+        main_param = opt.optimizer.param_groups[group_index]["params"][group_order]
+        current = opt.optimizer.state[main_param]
+        if "step" in current and "step" not in tensors:
+            tensors = {**tensors, "step": current["step"]}
+        return setter(model_param, tensors)
+
+    tolerant._igrpo_tolerant = True
+    opt._set_main_param_and_optimizer_states = tolerant
+
+
+def _unshare_adam_steps(optimizer) -> None:
+    """Give each parameter its own Adam ``step`` tensor.
+
+    megatron-core's distributed optimizer (torch Adam path) loads one step tensor into every
+    parameter's state; torch Adam increments it in place per parameter, so a shared tensor would
+    count N steps per optimizer step and skew the bias correction after a resume.
+    """
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        for st in opt.optimizer.state.values():
+            if torch.is_tensor(st.get("step")):
+                st["step"] = st["step"].clone()
+
+
+def _full_sharded_state(chunks, optimizer, is_loading: bool) -> dict:
+    if is_loading:
+        _ensure_optimizer_state(optimizer)
+    model_sd = _model_sharded_state_dict(chunks)
+    state = dict(model_sd)
+    state["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=is_loading, metadata=_OPTIM_METADATA)
+    return state
+
+
+def is_complete(path: Path) -> bool:
+    """A checkpoint directory that a finished save left behind (not a .tmp leftover)."""
+    return (path.is_dir() and not path.name.endswith(".tmp") and (path / "metadata.json").exists()
+            and (path / TRAINER_STATE).exists())
+
+
+def find_latest(root: str | os.PathLike) -> Path | None:
+    """The newest complete checkpoint under ``root``: the ``latest`` pointer, else a directory scan."""
+    root = Path(root)
+    pointer = root / LATEST
+    if pointer.exists():
+        candidate = root / pointer.read_text().strip()
+        if is_complete(candidate):
+            return candidate
+        logger.warning("%s points at %s, which is incomplete; scanning %s", pointer, candidate, root)
+    steps = sorted((p for p in root.glob("step_*") if is_complete(p)), key=lambda p: p.name)
+    return steps[-1] if steps else None
+
+
+def save_training_checkpoint(root: str | os.PathLike, step: int, chunks: list[torch.nn.Module], optimizer,
+                             trainer_state: dict, recipe_yaml: str, keep_last: int = 0) -> Path:
+    """Save everything needed to continue at ``step`` (collective). Atomic: temp dir, rename, pointer."""
+    root = Path(root)
+    final = _step_dir(root, step)
+    tmp = final.with_name(final.name + ".tmp")
+    rank0 = _is_rank0()
+    if rank0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / "rng").mkdir(parents=True)
+    _barrier()
+    dist_checkpointing.save(_full_sharded_state(chunks, optimizer, is_loading=False), str(tmp))
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    torch.save(_rng_state(), tmp / "rng" / f"rank_{rank:05d}.pt")
+    _barrier()
+    if rank0:
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        torch.save({**trainer_state, "step": step, "world_size": world}, tmp / TRAINER_STATE)
+        (tmp / "recipe.yaml").write_text(recipe_yaml)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        pointer_tmp = root / (LATEST + ".tmp")
+        pointer_tmp.write_text(final.name)
+        os.replace(pointer_tmp, root / LATEST)  # updated last: a crash before here keeps the old one
+        _prune(root, keep_last)
+    _barrier()
+    logger.info("saved checkpoint %s", final)
+    return final
+
+
+def _prune(root: Path, keep_last: int) -> None:
+    if keep_last <= 0:
+        return
+    complete = sorted((p for p in root.glob("step_*") if is_complete(p)), key=lambda p: p.name)
+    for old in complete[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def load_training_checkpoint(path: str | os.PathLike, chunks: list[torch.nn.Module], optimizer) -> dict:
+    """Restore model and optimizer (any TP/PP/DP layout) and return the trainer state.
+
+    RNG states are restored only when the world size matches the one that saved them; after a
+    layout change they cannot correspond rank for rank (the loop derives its sampling seeds
+    from the step, so that does not change what is sampled).
+    """
+    path = Path(path)
+    if not is_complete(path):
+        raise FileNotFoundError(f"{path} is not a complete checkpoint (missing metadata.json or {TRAINER_STATE}); "
+                                "point checkpoint.resume at another one, or use checkpoint.resume=none")
+    state = dist_checkpointing.load(_full_sharded_state(chunks, optimizer, is_loading=True), str(path))
+    if len(chunks) == 1:
+        unwrap(chunks[0]).load_state_dict(state[_MODEL_KEY], strict=True)
+    else:
+        for i, c in enumerate(chunks):
+            unwrap(c).load_state_dict(state[f"{_MODEL_KEY}{i}"], strict=True)
+    # Megatron's distributed optimizer allocates state itself while loading; drop the placeholder.
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        opt.optimizer.state.clear()
+        _tolerate_missing_step(opt)
+    optimizer.load_state_dict(state["optimizer"])
+    _unshare_adam_steps(optimizer)
+    trainer_state = torch.load(path / TRAINER_STATE, weights_only=False)
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    rng_file = path / "rng" / f"rank_{rank:05d}.pt"
+    if trainer_state.get("world_size") == world and rng_file.exists():
+        _set_rng_state(torch.load(rng_file, weights_only=False))
+    logger.info("resumed from %s (step %d)", path, trainer_state["step"])
+    return trainer_state

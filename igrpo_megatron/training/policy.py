@@ -204,6 +204,24 @@ class MegatronPolicy:
         out["lr"] = float(self.optimizer.param_groups[0]["lr"])
         return out
 
+    # ----------------------------------------------------------- checkpoints
+    def save(self, root: str, step: int, loop_state: dict, recipe_yaml: str) -> str:
+        """Save model, optimizer, schedule and ``loop_state`` at ``step`` (collective)."""
+        from igrpo_megatron.training.checkpoint import save_training_checkpoint
+
+        state = {"scheduler": self.scheduler.state_dict(), "loop": loop_state}
+        path = save_training_checkpoint(root, step, self.chunks, self.optimizer, state, recipe_yaml,
+                                        keep_last=self.recipe.checkpoint.keep_last)
+        return str(path)
+
+    def load(self, path: str) -> tuple[int, dict]:
+        """Restore from a checkpoint saved at any layout; returns (step, loop_state)."""
+        from igrpo_megatron.training.checkpoint import load_training_checkpoint
+
+        state = load_training_checkpoint(path, self.chunks, self.optimizer)
+        self.scheduler.load_state_dict(state["scheduler"])
+        return int(state["step"]), state.get("loop", {})
+
     # ---------------------------------------------------------------- export
     def export_hf_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
         """Full HF-named tensors on global rank 0 (every rank must iterate)."""
