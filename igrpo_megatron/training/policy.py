@@ -68,7 +68,9 @@ class MegatronPolicy:
     def __init__(self, recipe: RecipeConfig, total_optimizer_steps: int):
         self.recipe = recipe
         self.total_optimizer_steps = max(total_optimizer_steps, 1)
-        self.temperature = recipe.rollout.sampling.temperature
+        # Score tokens under the distribution whose log-probs vLLM reports (see rollout.server.logprobs_mode).
+        processed = recipe.rollout.server.logprobs_mode.startswith("processed")
+        self.temperature = recipe.rollout.sampling.temperature if processed else 1.0
         self.chunks: list[torch.nn.Module] = []
         self.reference: list[torch.nn.Module] | None = None
 

@@ -1,0 +1,328 @@
+"""Async client for the vLLM sidecar's ``/v1/completions`` endpoint, in token ids.
+
+Prompts go out as token-id lists and completions come back as the sampled token ids with the
+log-prob of each (``logprobs=0`` + ``return_token_ids``), so the trainer scores exactly what was
+sampled. Every result carries the policy version that served it: a weight update (see
+``weight_update()``) holds back new requests and waits for running ones, so no request spans two
+versions. Transient failures are retried with back-off; when the server stays unreachable the
+batch raises ``SidecarUnavailableError`` listing what completed and what did not.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import AsyncIterator, Awaitable, Sequence
+from contextlib import asynccontextmanager
+from typing import Any, TypeVar
+
+import aiohttp
+
+from igrpo_megatron.config.rollout import RetryConfig, RolloutConfig
+from igrpo_megatron.rollout.interfaces import (
+    Completion,
+    CompletionGroup,
+    RolloutRequestError,
+    SamplingParams,
+    SidecarUnavailableError,
+    StaleWeightsError,
+)
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class _TransientError(Exception):
+    """A failure worth retrying (connection lost, timeout, HTTP 5xx)."""
+
+
+class VersionUpdate:
+    """Handle given by ``RolloutClient.weight_update()``: call ``commit(v)`` once the weights are in."""
+
+    def __init__(self, current: int):
+        self.version: int | None = None
+        self.previous = current
+
+    def commit(self, version: int) -> None:
+        self.version = version
+
+
+class RolloutClient:
+    """Concurrent, retrying, version-stamping client of one vLLM OpenAI server (implements RolloutEngine)."""
+
+    def __init__(self, base_url: str, *, sampling: SamplingParams | None = None, max_concurrency: int = 64,
+                 retry: RetryConfig | None = None, model: str | None = None, initial_version: int = 0,
+                 verify_weights: bool = True):
+        self.base_url = base_url.rstrip("/")
+        self.sampling = sampling or SamplingParams()
+        self.max_concurrency = max_concurrency
+        self.retry = retry or RetryConfig()
+        self.model = model
+        self.verify_weights = verify_weights  # check /weight_info after each batch once weights were pushed
+        self._version = initial_version
+        self._in_flight = 0
+        self._updating = False
+        # asyncio primitives bind to the loop that first uses them, so they are made lazily.
+        self._cond: asyncio.Condition | None = None
+        self._sem: asyncio.Semaphore | None = None
+        self._session: aiohttp.ClientSession | None = None
+
+    @classmethod
+    def from_config(cls, cfg: RolloutConfig, base_url: str) -> RolloutClient:
+        return cls(base_url, sampling=SamplingParams.from_config(cfg.sampling), max_concurrency=cfg.max_concurrency,
+                   retry=cfg.retry, model=cfg.server.served_model_name)
+
+    @property
+    def policy_version(self) -> int:
+        return self._version
+
+    # -- generation -------------------------------------------------------------------------------
+
+    async def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingParams | None = None,
+                       seeds: Sequence[int | None] | None = None) -> list[CompletionGroup]:
+        """One ``CompletionGroup`` per prompt, in order, requests running concurrently.
+
+        ``seeds[i]`` overrides ``sampling.seed`` for prompt i. If any prompt fails for good, raises
+        (after the others finished) with ``.results`` holding each prompt's group or exception.
+        Once weights were pushed, also checks that the server did not restart from its initial
+        checkpoint meanwhile (``StaleWeightsError``).
+        """
+        if seeds is not None and len(seeds) != len(prompts):
+            raise ValueError(f"got {len(seeds)} seeds for {len(prompts)} prompts; pass one per prompt or None.")
+        tasks = [self.generate_one(p, sampling, None if seeds is None else seeds[i]) for i, p in enumerate(prompts)]
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if not errors:
+            await self._check_not_restarted(results)
+            return results
+        for err in errors:
+            if not isinstance(err, Exception):
+                raise err  # cancellation and interpreter exits are not request failures
+        if any(isinstance(e, RolloutRequestError) for e in errors):
+            raise next(e for e in errors if isinstance(e, RolloutRequestError))
+        raise SidecarUnavailableError(
+            f"{len(errors)} of {len(prompts)} requests to the vLLM server at {self.base_url} failed "
+            f"(first error: {errors[0]}). The error's .results holds every completed group and each "
+            "failure; retry the failed prompts once the server is healthy again.",
+            url=self.base_url, results=list(results)) from errors[0]
+
+    async def generate_one(self, prompt: Sequence[int], sampling: SamplingParams | None = None,
+                           seed: int | None = None) -> CompletionGroup:
+        """All ``sampling.n`` samples for one prompt (token ids)."""
+        params = sampling or self.sampling
+        payload = self._payload(prompt, params, seed)
+        async with self._semaphore(), self._admitted() as version:
+            body = await self._request("POST", "/v1/completions", payload, self.retry.request_timeout_s)
+        return self._parse(list(prompt), body, version, params.logprobs)
+
+    async def _check_not_restarted(self, results: list[CompletionGroup]) -> None:
+        """A restarted server reports version 'default' again: its weights are the initial ones."""
+        if not self.verify_weights or not any(g.policy_version > 0 for g in results):
+            return
+        label = (await self.get("/weight_info"))["weight_version"]
+        if label == "default":
+            raise StaleWeightsError(
+                f"the vLLM server at {self.base_url} restarted from its initial checkpoint after policy "
+                f"version {self._version} was pushed; push the current weights again and regenerate "
+                "(the suspect groups are in .results).", url=self.base_url, results=list(results))
+
+    def _payload(self, prompt: Sequence[int], params: SamplingParams, seed: int | None) -> dict[str, Any]:
+        if not prompt:
+            raise ValueError("empty prompt: every prompt needs at least one token id.")
+        payload: dict[str, Any] = {
+            "prompt": [int(t) for t in prompt], "max_tokens": params.max_tokens, "n": params.n,
+            "temperature": params.temperature, "top_p": params.top_p, "top_k": params.top_k,
+            "stop": list(params.stop), "return_token_ids": True, "skip_special_tokens": True,
+        }
+        if params.logprobs:
+            payload["logprobs"] = 0  # the sampled token's log-prob only
+        chosen_seed = seed if seed is not None else params.seed
+        if chosen_seed is not None:
+            payload["seed"] = chosen_seed
+        if self.model is not None:
+            payload["model"] = self.model
+        return payload
+
+    def _parse(self, prompt: list[int], body: dict, version: int, want_logprobs: bool) -> CompletionGroup:
+        completions = []
+        for choice in sorted(body["choices"], key=lambda c: c["index"]):
+            token_ids = choice.get("token_ids")
+            if token_ids is None:
+                raise RolloutRequestError(f"the server at {self.base_url} returned no token_ids; it must be "
+                                          "a vLLM version that supports return_token_ids (>= 0.10).")
+            logprobs: list[float] = []
+            if want_logprobs:
+                logprobs = [float(x) for x in choice["logprobs"]["token_logprobs"]]
+                if len(logprobs) != len(token_ids):
+                    raise RolloutRequestError(f"the server at {self.base_url} returned {len(logprobs)} "
+                                              f"log-probs for {len(token_ids)} tokens.")
+            completions.append(Completion(token_ids=list(token_ids), logprobs=logprobs, text=choice["text"],
+                                          finish_reason=choice.get("finish_reason") or "abort",
+                                          stop_reason=choice.get("stop_reason"), policy_version=version))
+        return CompletionGroup(prompt_token_ids=prompt, completions=completions, policy_version=version)
+
+    # -- versions and pausing ---------------------------------------------------------------------
+
+    def _condition(self) -> asyncio.Condition:
+        if self._cond is None:
+            self._cond = asyncio.Condition()
+        return self._cond
+
+    def _semaphore(self) -> asyncio.Semaphore:
+        if self._sem is None:
+            self._sem = asyncio.Semaphore(self.max_concurrency)
+        return self._sem
+
+    @asynccontextmanager
+    async def _admitted(self) -> AsyncIterator[int]:
+        """Run one request under the current version; waits while a weight update is in progress."""
+        cond = self._condition()
+        async with cond:
+            await cond.wait_for(lambda: not self._updating)
+            self._in_flight += 1
+            version = self._version
+        try:
+            yield version
+        finally:
+            async with cond:
+                self._in_flight -= 1
+                cond.notify_all()
+
+    @asynccontextmanager
+    async def weight_update(self) -> AsyncIterator[VersionUpdate]:
+        """Hold back new requests, wait for running ones, and let the caller swap weights.
+
+        The policy version advances only if the caller calls ``commit(version)`` on the handle.
+        """
+        cond = self._condition()
+        async with cond:
+            await cond.wait_for(lambda: not self._updating)
+            self._updating = True
+            await cond.wait_for(lambda: self._in_flight == 0)
+        update = VersionUpdate(self._version)
+        try:
+            yield update
+        finally:
+            async with cond:
+                if update.version is not None:
+                    self._version = update.version
+                self._updating = False
+                cond.notify_all()
+
+    # -- HTTP -------------------------------------------------------------------------------------
+
+    async def health(self, timeout_s: float = 5.0) -> bool:
+        """Whether ``GET /health`` answers 200 now (no retries)."""
+        try:
+            session = await self._get_session()
+            async with session.get(f"{self.base_url}/health",
+                                   timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
+                return resp.status == 200
+        except (TimeoutError, aiohttp.ClientError, OSError):
+            return False
+
+    async def post(self, path: str, payload: dict | None = None, timeout_s: float | None = None) -> Any:
+        """POST JSON to ``path`` with the client's retries (used for the server's control endpoints)."""
+        return await self._request("POST", path, payload, timeout_s or self.retry.request_timeout_s)
+
+    async def get(self, path: str, timeout_s: float = 30.0) -> Any:
+        return await self._request("GET", path, None, timeout_s)
+
+    async def _request(self, method: str, path: str, payload: dict | None, timeout_s: float) -> Any:
+        delay = self.retry.initial_backoff_s
+        last: Exception | None = None
+        for attempt in range(1, self.retry.max_attempts + 1):
+            try:
+                return await self._request_once(method, path, payload, timeout_s)
+            except _TransientError as exc:
+                last = exc
+                if attempt == self.retry.max_attempts:
+                    break
+                logger.warning("%s %s%s failed (attempt %d of %d): %s; retrying in %.1f s", method,
+                               self.base_url, path, attempt, self.retry.max_attempts, exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, self.retry.max_backoff_s)
+        raise SidecarUnavailableError(
+            f"vLLM server at {self.base_url} is unavailable: {method} {path} failed "
+            f"{self.retry.max_attempts} times (rollout.retry.max_attempts); last error: {last}. "
+            "Check that the sidecar is running and read its log.", url=self.base_url) from last
+
+    async def _request_once(self, method: str, path: str, payload: dict | None, timeout_s: float) -> Any:
+        session = await self._get_session()
+        try:
+            async with session.request(method, f"{self.base_url}{path}", json=payload,
+                                       timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
+                text = await resp.text()
+                if resp.status >= 500:
+                    raise _TransientError(f"HTTP {resp.status}: {text[:500]}")
+                if resp.status >= 400:
+                    raise RolloutRequestError(f"{method} {self.base_url}{path} was rejected with HTTP "
+                                              f"{resp.status}: {text[:2000]}")
+                if not text:
+                    return None
+                return await resp.json(content_type=None)
+        except (TimeoutError, aiohttp.ClientError, ConnectionError) as exc:
+            raise _TransientError(f"{type(exc).__name__}: {exc}") from exc
+
+    async def _get_session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            connector = aiohttp.TCPConnector(limit=self.max_concurrency + 8)
+            self._session = aiohttp.ClientSession(connector=connector)
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def __aenter__(self) -> RolloutClient:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+
+class BlockingRolloutClient:
+    """Synchronous front of a ``RolloutClient``: runs its event loop in a background thread.
+
+    For synchronous callers (the training loop, scripts). ``run(coro)`` executes any coroutine
+    on that loop, e.g. ``blocking.run(synchronizer.sync(named_tensors))``.
+    """
+
+    def __init__(self, client: RolloutClient):
+        self.client = client
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="rollout-client", daemon=True)
+        self._thread.start()
+
+    def run(self, coro: Awaitable[T]) -> T:
+        if self._loop.is_closed():
+            raise RuntimeError("BlockingRolloutClient is closed; make a new one.")
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    @property
+    def policy_version(self) -> int:
+        return self.client.policy_version
+
+    def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingParams | None = None,
+                 seeds: Sequence[int | None] | None = None) -> list[CompletionGroup]:
+        return self.run(self.client.generate(prompts, sampling, seeds))
+
+    def health(self) -> bool:
+        return self.run(self.client.health())
+
+    def close(self) -> None:
+        if self._loop.is_closed():
+            return
+        self.run(self.client.close())
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join()
+        self._loop.close()
+
+    def __enter__(self) -> BlockingRolloutClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
