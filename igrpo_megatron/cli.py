@@ -50,6 +50,25 @@ def build_parser() -> argparse.ArgumentParser:
     get.add_argument("key", help="dotted key, e.g. cluster.gpus_per_node")
     get.add_argument("overrides", nargs="*", help="Hydra-style overrides")
 
+    ev = sub.add_parser("eval", help="pass@k evaluation on AIME24/25, MATH-500, AMC23 or custom sets")
+    ev.add_argument("recipe_or_checkpoint", nargs="?",
+                    help="recipe YAML, Hugging Face checkpoint directory (config.json), or Megatron checkpoint")
+    ev.add_argument("overrides", nargs="*", help="Hydra-style overrides: a.b=1, +a.new=2, ~a.b")
+    ev.add_argument("--benchmarks", type=lambda s: [x for x in s.split(",") if x],
+                    help="comma list: aime24,aime25,math500,amc23,heldout, names in evaluation.datasets, "
+                         "or .jsonl/.parquet paths")
+    ev.add_argument("--compare", nargs=2, metavar=("RUN_A", "RUN_B"),
+                    help="compare two results.json files or run directories")
+    ev.add_argument("--recipe", help="recipe whose settings apply when evaluating a checkpoint directory")
+    ev.add_argument("--output", dest="output_dir", help="directory for results.json, report.md, report.png")
+    ev.add_argument("--samples", type=int, help="samples per problem (overrides the recipe)")
+    ev.add_argument("--limit", type=int, help="evaluate only the first N problems of each benchmark")
+    ev.add_argument("--refine", action=argparse.BooleanOptionalAction, default=None,
+                    help="also evaluate draft-then-refine at test time")
+    ev.add_argument("--server-url", help="use a running vLLM server instead of starting one")
+    ev.add_argument("--problem-field", default="problem", help="problem column of custom files")
+    ev.add_argument("--answer-field", default="answer", help="answer column of custom files")
+
     serve = sub.add_parser("serve-rollout", help="start the vLLM rollout sidecar for a recipe and keep it up")
     _add_recipe_args(serve)
     return parser
@@ -70,6 +89,17 @@ def _config(args: argparse.Namespace) -> int:
         return 0
     sys.stdout.write(recipe_to_yaml(recipe))
     return 0
+
+
+@command("eval")
+def _eval(args: argparse.Namespace) -> int:
+    from igrpo_megatron.evaluation.cli import run_eval_command
+
+    return run_eval_command(
+        args.recipe_or_checkpoint, args.overrides, args.benchmarks,
+        tuple(args.compare) if args.compare else None, recipe=args.recipe, output_dir=args.output_dir,
+        samples=args.samples, limit=args.limit, refine=args.refine, server_url=args.server_url,
+        problem_field=args.problem_field, answer_field=args.answer_field)
 
 
 @command("serve-rollout")

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from igrpo_megatron.config.algorithm import AlgorithmConfig
+from igrpo_megatron.config.evaluation import EvaluationConfig
 from igrpo_megatron.config.fields import param
 from igrpo_megatron.config.model import ModelConfig, ParallelConfig
 from igrpo_megatron.config.reward import RewardConfig
@@ -47,6 +48,8 @@ class RecipeConfig:
     rollout: RolloutConfig = param(default_factory=RolloutConfig, help="vLLM sidecar and sampling.")
     reward: RewardConfig = param(default_factory=RewardConfig, help="Math, format and judge rewards.")
     data: DataConfig = param(default_factory=DataConfig, help="Prompt datasets and field names.")
+    evaluation: EvaluationConfig = param(default_factory=EvaluationConfig,
+                                         help="Benchmarks, pass@k, test-time refinement, training hook.")
     checkpoint: CheckpointConfig = param(default_factory=CheckpointConfig, help="Saving and resuming.")
     logging: LoggingConfig = param(default_factory=LoggingConfig, help="Metrics and log output.")
     cluster: ClusterConfig = param(default_factory=ClusterConfig, help="Nodes and Slurm settings.")

@@ -47,6 +47,14 @@ class DataConfig:
     answer_field: str = param("answer", help="Column holding the reference answer.")
     synthetic_task: str | None = param(None, help="Name of a built-in generated task (e.g. 'arithmetic') "
                                                   "used when train_path is null.")
+    prompt_template: str = param(
+        "{problem}\nThink step by step inside <think></think>, then give the final answer inside "
+        "<answer></answer>.",
+        help="User message built from a problem ({problem} is replaced). The answer format it asks for "
+             "must match reward.extraction / reward.format.")
+    system_prompt: str | None = param(None, help="System message put before every prompt; null: none.")
+    use_chat_template: bool = param(True, help="Wrap prompts with the tokenizer's chat template (with the "
+                                               "generation prompt). false: the raw text is the prompt.")
     max_prompt_length: int = param(1024, help="Longest prompt in tokens, draft included (paper: 1024).")
     shuffle: bool = param(True, help="Shuffle prompts each epoch (deterministic by seed and epoch).")
     tokenizer_path: str | None = param(None, help="Hugging Face tokenizer directory; null: the model's "

@@ -23,7 +23,10 @@ Other hybrid differences handled here or by the kernels:
 * The stack's final norm is hard-wired to Transformer Engine's ``TENorm`` in every version;
   :func:`local_norm_stack` derives a stack class that builds a torch RMSNorm instead.
 * 0.19 imports ``selective_state_update``/``causal_conv1d_update`` from Megatron's own Triton ops
-  (decoding only) and passes ``state_dtype`` to the scans when their signature has it.
+  (decoding only) instead of ``mamba_ssm``/``causal_conv1d``, so the CPU stand-ins never reach
+  them: :func:`use_cpu_decode_kernels` clears those names without CUDA, which makes the mixer take
+  its own PyTorch decoding step. It also passes ``state_dtype`` to the scans when their signature
+  has it (the reference kernels' does not, so it is never passed on CPU).
 
 Everything imports lazily: these modules pull in ``megatron.core.ssm.mamba_mixer``, which must not
 be imported before the CPU kernels are installed (see ``cpu_kernels.install``).
@@ -34,8 +37,14 @@ from __future__ import annotations
 import functools
 import importlib.util
 import inspect
+import logging
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -132,3 +141,33 @@ def local_norm_stack(stack_cls: type) -> type:
 
     LocalNormStack.__name__ = LocalNormStack.__qualname__ = f"Local{stack_cls.__name__}"
     return LocalNormStack
+
+
+# Names the Mamba mixer binds at import for its one-token decoding step.
+_DECODE_KERNELS = ("causal_conv1d_update", "selective_state_update")
+_MEGATRON_OPS = "megatron.core.ssm.ops"
+
+
+def use_cpu_decode_kernels(mixer: ModuleType) -> str:
+    """Make the mixer's decoding step runnable without CUDA; returns which kernels it now uses.
+
+    ``"reference"``: up to 0.18 the mixer imports its decode kernels from ``mamba_ssm`` and
+    ``causal_conv1d``, which are the CPU stand-ins once installed; nothing to do.
+    ``"megatron-fallback"``: 0.19 imports them from Megatron's own Triton ops, which need a GPU
+    and take another layout (channel-last, a speculative-token axis) than ``causal_conv1d``'s, so
+    no stand-in fits; the mixer has a pure-PyTorch decoding step for when those names are None,
+    and this sets them to None. ``"triton"``: CUDA is there, Megatron's ops are left alone.
+    """
+    bound = {name: getattr(mixer, name, None) for name in _DECODE_KERNELS}
+    from_megatron = [name for name, fn in bound.items()
+                     if fn is not None and getattr(fn, "__module__", "").startswith(_MEGATRON_OPS)]
+    if from_megatron and torch.cuda.is_available():
+        return "triton"
+    if not from_megatron and all(fn is None for fn in bound.values()):
+        return "megatron-fallback"  # cleared by an earlier call
+    if not from_megatron:
+        return "reference"
+    for name in from_megatron:
+        setattr(mixer, name, None)
+    logger.debug("Mamba decode: Megatron's Triton %s need CUDA; using the mixer's PyTorch step", from_megatron)
+    return "megatron-fallback"

@@ -157,6 +157,7 @@ def _ensure_mamba_kernels() -> None:
     if not mixer.HAVE_MAMBA_SSM:
         raise RuntimeError("Megatron's Mamba mixer found no mamba_ssm kernels; install the 'gpu' extra "
                            "(mamba-ssm, causal-conv1d) or run without CUDA to use the CPU kernels")
+    compat.use_cpu_decode_kernels(mixer)
 
 
 def build_hybrid(

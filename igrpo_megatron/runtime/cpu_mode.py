@@ -8,7 +8,7 @@ calls ``tensor.cuda()`` and keeps a CUDA RNG tracker. All of that is harmless on
   ``torch.device("cuda", N)`` and bare integer devices to CPU in factory calls and
   ``Tensor.to``, makes ``Tensor.cuda()`` a no-op and reports ``torch.cuda.*Tensor`` from
   ``Tensor.type()`` (Megatron checks that string);
-* the few ``torch.cuda`` functions Megatron calls (device, RNG, synchronize) get CPU stand-ins;
+* the few ``torch.cuda`` functions Megatron calls (device, RNG, synchronize, streams) get CPU stand-ins;
 * Megatron's CUDA RNG helpers are pointed at the CPU generator.
 
 It is switched on explicitly (:func:`enable_cpu_mode` or the :func:`cpu_mode` context manager),
@@ -64,7 +64,12 @@ class _CudaAsCpu(TorchFunctionMode):
 
 
 def _cuda_stand_ins() -> dict[str, Any]:
-    """CPU replacements for the ``torch.cuda`` functions Megatron-Core calls."""
+    """CPU replacements for the ``torch.cuda`` functions Megatron-Core calls.
+
+    Streams: megatron-core 0.19 asks for the current stream (and whether it is being captured)
+    in every DDP grad sync, which raises without a GPU; the CPU stream's ``wait_event`` and
+    ``wait_stream`` are no-ops, which is exact on CPU where everything runs in order.
+    """
     return {
         "current_device": lambda: "cpu",
         "device_count": lambda: 0,
@@ -78,6 +83,9 @@ def _cuda_stand_ins() -> dict[str, Any]:
         "memory_allocated": lambda device=None: 0,
         "max_memory_allocated": lambda device=None: 0,
         "memory_reserved": lambda device=None: 0,
+        "current_stream": lambda device=None: torch.cpu.current_stream(),
+        "default_stream": lambda device=None: torch.cpu.current_stream(),
+        "is_current_stream_capturing": lambda: False,
     }
 
 

@@ -92,10 +92,11 @@ def perturbed_state_dict(state: dict[str, torch.Tensor], scale: float, seed: int
 
 
 def hf_token_logprobs(model_dir: str | Path, prompt_ids: list[int], completion_ids: list[int],
-                      state: dict[str, torch.Tensor] | None = None) -> list[float]:
+                      state: dict[str, torch.Tensor] | None = None, temperature: float = 1.0) -> list[float]:
     """Teacher-forced log p(completion token | prefix) under transformers, in fp32.
 
     ``state``: weights to load instead of the directory's own (for checking a weight sync).
+    ``temperature``: score under softmax(logits / temperature), as vLLM's processed log-probs do.
     """
     from transformers import AutoModelForCausalLM
 
@@ -105,7 +106,7 @@ def hf_token_logprobs(model_dir: str | Path, prompt_ids: list[int], completion_i
     ids = torch.tensor([prompt_ids + completion_ids])
     with torch.no_grad():
         logits = model(ids).logits[0].float()  # [T, V]
-    logprobs = torch.log_softmax(logits, dim=-1)
+    logprobs = torch.log_softmax(logits / temperature, dim=-1)
     start = len(prompt_ids)
     # The token at position t is predicted from the logits at position t - 1.
     return [logprobs[start + i - 1, tok].item() for i, tok in enumerate(completion_ids)]

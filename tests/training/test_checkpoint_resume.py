@@ -2,6 +2,7 @@
 also when the resume uses a different tensor-parallel size. Saves are atomic."""
 
 import pytest
+import torch
 
 from tests.helpers.distributed import run_on_ranks
 from tests.training.test_rl_step_layouts import VOCAB, build_tiny_qwen2, fixed_batch, recipe
@@ -90,3 +91,22 @@ def test_incomplete_checkpoint_is_never_picked(tmp_path):
     assert find_latest(tmp_path) is None
     with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
         load_training_checkpoint(tmp_path / "step_000002", [], None)
+
+
+def _export(rank, world_size, root, hf_path, out):
+    from igrpo_megatron.training.export import export_checkpoint_to_hf
+    from tests.helpers.tiny_models import load_state_dict
+
+    export_checkpoint_to_hf(root, recipe(hf_path), out, tokenizer_dir=hf_path)
+    return load_state_dict(out)
+
+
+def test_checkpoint_exports_to_the_trained_weights(hf_dir, tmp_path):
+    """A TP=2 training checkpoint exported to HF layout holds exactly the weights training ended with."""
+    root = str(tmp_path / "ckpt")
+    _, trained = run_on_ranks(_run, 2, args=(hf_dir, root, dict(tensor_model_parallel_size=2), 0, 2, 2))[0]
+    exported = run_on_ranks(_export, 1, args=(root, hf_dir, str(tmp_path / "hf")))[0]
+    assert sorted(exported) == sorted(trained)
+    for name, tensor in trained.items():
+        assert torch.equal(exported[name], tensor), name
+    assert (tmp_path / "hf" / "config.json").exists() and (tmp_path / "hf" / "tokenizer.json").exists()

@@ -1,0 +1,300 @@
+"""Benchmarks: the built-in public math sets, custom JSONL/Parquet files, and loading with field mapping.
+
+The built-in names know the field names and answer types of the public files (kept outside the
+project; README says where to get them) and read them from ``evaluation.data_dir`` or
+``$IGRPO_EVAL_DATA_DIR``. Any other JSONL or Parquet file works by naming its problem and answer
+fields.
+
+Rows without a usable answer are an **error** naming the file, the row and the field, never a silent
+skip: a benchmark whose denominator quietly shrinks reports a score that cannot be compared with
+anyone else's. Gold answers are normalised by answer type so that, e.g., AMC's float ``27.0``
+becomes ``"27"`` and matches an integer prediction.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from igrpo_megatron.config.evaluation import (
+    ANSWER_TYPES,
+    HELDOUT_BENCHMARK,
+    TABLE_SUFFIXES,
+    EvaluationConfig,
+    dataset_errors,
+)
+from igrpo_megatron.config.training import DataConfig
+
+logger = logging.getLogger(__name__)
+
+DATA_DIR_ENV = "IGRPO_EVAL_DATA_DIR"
+SYNTHETIC_HELDOUT_SIZE = 200  # problems generated for 'heldout' of a synthetic task (evaluation.limit overrides)
+
+
+class BenchmarkError(ValueError):
+    """A benchmark could not be found or read; the message names the file, row or key and the fix."""
+
+
+@dataclass(frozen=True)
+class BenchmarkSpec:
+    """Where a benchmark's rows are and which fields hold what.
+
+    ``file_name`` is set for built-ins (looked up in the data directory); ``path`` for everything else.
+    """
+
+    name: str
+    problem_field: str = "problem"
+    answer_field: str = "answer"
+    id_field: str | None = None
+    answer_type: str = "auto"  # 'integer' | 'number' | 'latex' | 'auto' (see normalize_gold)
+    path: str | None = None
+    file_name: str | None = None
+    default_samples: int | None = None  # the paper's k for built-ins
+    synthetic_task: str | None = None  # 'heldout' of a generated task (data.synthetic_task): no file
+    synthetic_seed: int = 0
+
+
+BUILTIN_BENCHMARKS: dict[str, BenchmarkSpec] = {
+    "aime24": BenchmarkSpec("aime24", answer_field="expected_answer", id_field="id", answer_type="integer",
+                            file_name="aime24.jsonl", default_samples=64),
+    "aime25": BenchmarkSpec("aime25", answer_field="expected_answer", id_field="id", answer_type="integer",
+                            file_name="aime25.jsonl", default_samples=64),
+    "math500": BenchmarkSpec("math500", answer_field="answer", id_field="unique_id", answer_type="latex",
+                             file_name="math500.jsonl", default_samples=8),
+    "amc23": BenchmarkSpec("amc23", answer_field="answer", id_field="id", answer_type="number",
+                           file_name="amc23.jsonl", default_samples=8),
+}
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One benchmark row: its position in the file, a stable id, the problem text and the gold answer."""
+
+    index: int
+    id: str
+    problem: str
+    gold: str
+
+
+@dataclass
+class Benchmark:
+    """A loaded benchmark: its spec, the file it came from and its problems (in file order)."""
+
+    spec: BenchmarkSpec
+    path: Path
+    problems: list[Problem]
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    def __len__(self) -> int:
+        return len(self.problems)
+
+    def subset(self, positions: list[int]) -> Benchmark:
+        """The problems at ``positions`` (indices into ``problems``), in the order given."""
+        return Benchmark(self.spec, self.path, [self.problems[i] for i in positions])
+
+
+def eval_data_dir(configured: str | None) -> Path:
+    """The built-ins' directory: ``evaluation.data_dir``, else ``$IGRPO_EVAL_DATA_DIR``; must exist."""
+    value = configured or os.environ.get(DATA_DIR_ENV)
+    if not value:
+        raise BenchmarkError(
+            f"built-in benchmarks need their files, and neither evaluation.data_dir nor ${DATA_DIR_ENV} is set. "
+            f"Put aime24.jsonl, aime25.jsonl, math500.jsonl and amc23.jsonl in a directory (README: 'Evaluation "
+            f"data') and set evaluation.data_dir=DIR or export {DATA_DIR_ENV}=DIR.")
+    path = Path(value).expanduser()
+    if not path.is_dir():
+        source = "evaluation.data_dir" if configured else f"${DATA_DIR_ENV}"
+        raise BenchmarkError(f"{source} = {value!r} is not a directory; point it at the folder holding "
+                             "aime24.jsonl, aime25.jsonl, math500.jsonl and amc23.jsonl.")
+    return path
+
+
+def resolve_spec(name: str, cfg: EvaluationConfig, data: DataConfig | None = None, *,
+                 problem_field: str = "problem", answer_field: str = "answer", seed: int = 0) -> BenchmarkSpec:
+    """The spec for a benchmark name: recipe-defined datasets first, then built-ins, 'heldout', file paths.
+
+    'heldout' is ``data.eval_path`` when set, else the held-out split of ``data.synthetic_task``
+    generated with ``seed`` (the recipe's run seed). ``problem_field`` / ``answer_field`` apply to a
+    bare file path (``--benchmarks my/set.parquet``).
+    """
+    if name in cfg.datasets:
+        entry = cfg.datasets[name]
+        errs = dataset_errors(name, entry, f"evaluation.datasets.{name}")
+        if errs:
+            raise BenchmarkError("\n".join(errs))
+        return BenchmarkSpec(name, problem_field=entry.get("problem_field") or "problem",
+                             answer_field=entry.get("answer_field") or "answer", id_field=entry.get("id_field"),
+                             answer_type=entry.get("answer_type") or "auto", path=entry["path"],
+                             default_samples=entry.get("samples_per_problem"))
+    if name in BUILTIN_BENCHMARKS:
+        return BUILTIN_BENCHMARKS[name]
+    if name == HELDOUT_BENCHMARK:
+        if data is not None and data.eval_path is not None:
+            return BenchmarkSpec(HELDOUT_BENCHMARK, problem_field=data.problem_field,
+                                 answer_field=data.answer_field, path=data.eval_path)
+        if data is not None and data.synthetic_task is not None:
+            return BenchmarkSpec(HELDOUT_BENCHMARK, answer_type="integer", synthetic_task=data.synthetic_task,
+                                 synthetic_seed=seed)
+        raise BenchmarkError("benchmark 'heldout' reads data.eval_path (or the held-out split of "
+                             "data.synthetic_task), and neither is set; set data.eval_path to the held-out "
+                             "JSONL/Parquet file, or name another benchmark.")
+    if name.endswith(TABLE_SUFFIXES):
+        return BenchmarkSpec(Path(name).stem, problem_field=problem_field, answer_field=answer_field, path=name)
+    known = sorted(set(BUILTIN_BENCHMARKS) | set(cfg.datasets) | {HELDOUT_BENCHMARK})
+    raise BenchmarkError(f"unknown benchmark {name!r}: use one of {known}, a path to a .jsonl/.parquet file, or "
+                         f"define it under evaluation.datasets.{name} (path, problem_field, answer_field).")
+
+
+def samples_per_problem(spec: BenchmarkSpec, cfg: EvaluationConfig) -> int:
+    """k for a benchmark: evaluation.samples_per_problem[name], else the spec's default, else the global default."""
+    if spec.name in cfg.samples_per_problem:
+        return cfg.samples_per_problem[spec.name]
+    return spec.default_samples or cfg.default_samples_per_problem
+
+
+def spec_path(spec: BenchmarkSpec, data_dir: str | None) -> Path:
+    """The file a spec reads (built-ins: inside the data directory; generated sets: a pseudo path)."""
+    if spec.synthetic_task is not None:
+        return Path(f"synthetic:{spec.synthetic_task}/heldout/seed{spec.synthetic_seed}")
+    if spec.file_name is not None:
+        return eval_data_dir(data_dir) / spec.file_name
+    if spec.path is None:
+        raise BenchmarkError(f"benchmark {spec.name!r} has neither a path nor a built-in file name; set its path.")
+    return Path(spec.path).expanduser()
+
+
+def load_benchmark(spec: BenchmarkSpec, data_dir: str | None = None, limit: int | None = None) -> Benchmark:
+    """Read and check every row of a benchmark (or its first ``limit`` rows)."""
+    if spec.answer_type not in ANSWER_TYPES:
+        raise BenchmarkError(f"benchmark {spec.name!r}: answer_type {spec.answer_type!r} must be one of "
+                             f"{list(ANSWER_TYPES)}.")
+    path = spec_path(spec, data_dir)
+    rows = _synthetic_rows(spec, limit) if spec.synthetic_task is not None else read_rows(path)
+    if not rows:
+        raise BenchmarkError(f"{path}: no rows; benchmark {spec.name!r} would be empty.")
+    _check_columns(path, rows[0], spec)
+    if limit is not None:
+        rows = rows[:limit]
+    problems = [_problem(path, i, row, spec) for i, row in enumerate(rows)]
+    ids = [p.id for p in problems]
+    if len(set(ids)) != len(ids):
+        dup = next(i for i in ids if ids.count(i) > 1)
+        raise BenchmarkError(f"{path}: id {dup!r} (field {spec.id_field!r}) appears more than once; ids must be "
+                             "unique to pair runs in `igrpo eval --compare`. Fix the file or set id_field: null.")
+    logger.info("benchmark %s: %d problems from %s", spec.name, len(problems), path)
+    return Benchmark(spec, path, problems)
+
+
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    """Rows of a JSONL or Parquet file (the data package's reader), as BenchmarkError on failure."""
+    from igrpo_megatron.data.datasets import read_rows as read_table_rows
+
+    if not path.is_file():
+        raise BenchmarkError(f"{path}: benchmark file not found; check the path (or evaluation.data_dir for "
+                             "built-in benchmarks).")
+    try:
+        rows = read_table_rows(path)
+    except (OSError, ValueError) as exc:
+        raise BenchmarkError(f"cannot read benchmark file: {exc}") from None
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise BenchmarkError(f"{path}, row {i + 1}: expected an object with named fields, got "
+                                 f"{type(row).__name__}.")
+    return rows
+
+
+def _synthetic_rows(spec: BenchmarkSpec, limit: int | None) -> list[dict[str, Any]]:
+    """The held-out split of a generated task as rows (the generator keeps it disjoint from training)."""
+    from igrpo_megatron.data.synthetic import build_task
+
+    try:
+        task = build_task(spec.synthetic_task)
+    except ValueError as exc:
+        raise BenchmarkError(f"benchmark {spec.name!r}: {exc}") from None
+    items = task.generate(limit or SYNTHETIC_HELDOUT_SIZE, "heldout", spec.synthetic_seed)
+    return [{"problem": p.problem, "answer": p.answer} for p in items]
+
+
+def _check_columns(path: Path, first: dict[str, Any], spec: BenchmarkSpec) -> None:
+    for key, field in (("problem_field", spec.problem_field), ("answer_field", spec.answer_field),
+                       ("id_field", spec.id_field)):
+        if field is not None and field not in first:
+            raise BenchmarkError(f"{path}: the first row has no field {field!r} (benchmark {spec.name!r}, "
+                                 f"{key}); its fields are {sorted(first)}. Set {key} to the right one.")
+
+
+def _problem(path: Path, i: int, row: dict[str, Any], spec: BenchmarkSpec) -> Problem:
+    where = f"{path}, row {i + 1}"
+    text = row.get(spec.problem_field)
+    if not isinstance(text, str) or not text.strip():
+        raise BenchmarkError(f"{where}: field {spec.problem_field!r} is missing or empty; every row needs a "
+                             "problem text (fix the row, or set problem_field).")
+    gold = normalize_gold(row.get(spec.answer_field), spec.answer_type, f"{where}, field {spec.answer_field!r}")
+    pid = row.get(spec.id_field) if spec.id_field else None
+    return Problem(index=i, id=str(pid) if pid is not None else f"{spec.name}-{i}", problem=text, gold=gold)
+
+
+_INT = re.compile(r"[+-]?\d+")
+_DECIMAL = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
+def _number_text(x: float | int) -> str:
+    """27.0 -> '27', 0.5 -> '0.5' (shortest round-trip form), 12 -> '12'."""
+    if isinstance(x, int) or x.is_integer():
+        return str(int(x))
+    return repr(float(x))
+
+
+def normalize_gold(value: Any, answer_type: str, where: str) -> str:
+    """The gold answer as the string the reward compares against.
+
+    'integer' (AIME): must be a whole number; '027' and 27.0 both become '27'. 'number' (AMC):
+    any decimal; integral values lose their '.0'. 'latex' / 'auto': strings are kept as written,
+    numbers get the 'number' treatment. Missing, empty or non-scalar values raise BenchmarkError.
+    """
+    if value is None or isinstance(value, bool) or (isinstance(value, str) and not value.strip()):
+        raise BenchmarkError(f"{where}: no answer (got {value!r}); every row needs a gold answer. Fix the row "
+                             "or point answer_field at the right column.")
+    if isinstance(value, (int, float)):
+        if not math.isfinite(value):
+            raise BenchmarkError(f"{where}: answer {value!r} is not a finite number.")
+        text = _number_text(value)
+    elif isinstance(value, str):
+        text = value.strip()
+    else:
+        raise BenchmarkError(f"{where}: answer must be a string or a number, got {type(value).__name__} "
+                             f"{value!r}.")
+    if answer_type == "integer":
+        if _INT.fullmatch(text):
+            return str(int(text))
+        if _DECIMAL.fullmatch(text) and float(text).is_integer():
+            return str(int(float(text)))
+        raise BenchmarkError(f"{where}: answer {text!r} is not a whole number, but this benchmark's answer_type "
+                             "is 'integer'; fix the row or use answer_type 'auto'.")
+    if answer_type == "number":
+        if not _DECIMAL.fullmatch(text):
+            raise BenchmarkError(f"{where}: answer {text!r} is not a number, but this benchmark's answer_type is "
+                                 "'number'; fix the row or use answer_type 'auto'.")
+        return _number_text(float(text)) if not _INT.fullmatch(text) else str(int(text))
+    return text
+
+
+def load_benchmarks(names: list[str], cfg: EvaluationConfig, data: DataConfig | None = None, *,
+                    problem_field: str = "problem", answer_field: str = "answer", seed: int = 0) -> list[Benchmark]:
+    """Resolve and load every named benchmark (all errors surface before any sampling starts)."""
+    specs = [resolve_spec(n, cfg, data, problem_field=problem_field, answer_field=answer_field, seed=seed)
+             for n in names]
+    seen: set[str] = set()
+    for i, spec in enumerate(specs):
+        if spec.name in seen:  # two files with the same stem: keep both, distinguishable
+            specs[i] = replace(spec, name=f"{spec.name}-{i}")
+        seen.add(specs[i].name)
+    return [load_benchmark(s, cfg.data_dir, cfg.limit) for s in specs]

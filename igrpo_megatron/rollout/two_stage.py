@@ -1,0 +1,245 @@
+"""Two-stage iGRPO rollouts against the vLLM sidecar, pipelined per prompt.
+
+For each prompt: sample N drafts, score them, select one, build the draft-conditioned prompt,
+sample G refinements, score them (and repeat for K rounds). Every prompt runs as its own task,
+so a prompt's refinements are requested as soon as *its* drafts are scored, while other prompts
+are still drafting: the two stages overlap instead of running one after the other.
+``barrier=True`` runs Stage 1 for every prompt before any Stage 2 (for comparison only).
+Plain GRPO is the same path with Stage 1 switched off (``algorithm.igrpo.enabled: false``).
+
+This module knows nothing about Megatron: it returns a :class:`RolloutBatch` of token ids,
+rollout log-probs, rewards, groups, stage, draft provenance and policy version.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hashlib
+import logging
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, fields
+
+import torch
+
+from igrpo_megatron.algorithms.draft_selection import DraftSelection
+from igrpo_megatron.algorithms.igrpo import igrpo_step_metrics, round_metrics, select_with_config
+from igrpo_megatron.algorithms.refinement_prompt import build_refinement_prompt
+from igrpo_megatron.config.algorithm import AlgorithmConfig
+from igrpo_megatron.data.datasets import PromptRecord
+from igrpo_megatron.data.prompts import PromptFormatter
+from igrpo_megatron.rewards.interfaces import RewardFunction, RewardItem, RewardResult
+from igrpo_megatron.rollout.interfaces import Completion, RolloutEngine, SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Sample:
+    """One sampled completion with everything the trainer and the logs need."""
+
+    prompt_index: int            # position of the problem in the step's batch
+    stage: str                   # "draft" | "refine" | "grpo"
+    round: int                   # 0 for drafts / GRPO, k for refinement round k
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    rollout_logprobs: list[float]
+    text: str
+    reward: float
+    correct: bool
+    policy_version: int
+    finish_reason: str | None = None
+    draft_source: int | None = None  # refinements: index of the conditioning sample in ``samples``
+
+
+@dataclass
+class Group:
+    """Completions of one prompt text: a candidate GRPO group (indices into ``RolloutBatch.samples``)."""
+
+    prompt_index: int
+    stage: str
+    round: int
+    members: list[int]
+    trained: bool = False
+
+
+@dataclass
+class RolloutBatch:
+    """What one rollout step produced."""
+
+    samples: list[Sample]
+    groups: list[Group]
+    metrics: dict[str, float] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def training_groups(self) -> list[Group]:
+        return [g for g in self.groups if g.trained]
+
+    @property
+    def generated_tokens(self) -> int:
+        return sum(len(s.completion_ids) for s in self.samples)
+
+
+def request_seed(run_seed: int, step: int, prompt_index: int, stage: str, round_index: int) -> int:
+    """A sampling seed that depends only on *what* is sampled, so resumed runs sample the same."""
+    digest = hashlib.sha256(f"{run_seed}:{step}:{prompt_index}:{stage}:{round_index}".encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+def _concat_selections(rows: Sequence[DraftSelection]) -> DraftSelection:
+    values = {f.name: (torch.cat([getattr(r, f.name) for r in rows]) if f.name != "rule" else rows[0].rule)
+              for f in fields(DraftSelection)}
+    return DraftSelection(**values)
+
+
+class TwoStageRollout:
+    """Runs one step's rollouts. ``reward`` scores Stage-2 (and GRPO) samples; ``draft_reward``
+    (default: the same) scores drafts for selection."""
+
+    def __init__(self, engine: RolloutEngine, formatter: PromptFormatter, reward: RewardFunction,
+                 algorithm: AlgorithmConfig, sampling: SamplingParams, *, max_prompt_length: int,
+                 run_seed: int, draft_reward: RewardFunction | None = None, barrier: bool = False):
+        self.engine = engine
+        self.fmt = formatter
+        self.reward = reward
+        self.draft_reward = draft_reward or reward
+        self.alg = algorithm
+        self.sampling = sampling
+        self.max_prompt_length = max_prompt_length
+        self.run_seed = run_seed
+        self.barrier = barrier
+        self._scorer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reward")
+
+    def close(self) -> None:
+        self._scorer.shutdown(wait=False)
+
+    # ------------------------------------------------------------------ pieces
+    async def _sample(self, prompt_ids: list[int], n: int, seed: int) -> list[Completion]:
+        params = dataclasses.replace(self.sampling, n=n)
+        (group,) = await self.engine.generate([prompt_ids], params, seeds=[seed])
+        return list(group.completions)
+
+    async def _score(self, fn: RewardFunction, record: PromptRecord, completions: list[Completion]) -> RewardResult:
+        items = [RewardItem(problem=record.problem, gold=record.answer, completion=c.text) for c in completions]
+        return await asyncio.get_running_loop().run_in_executor(self._scorer, fn.score, items)
+
+    def _add(self, out: list[Sample], completions: list[Completion], scored: RewardResult, *, index: int,
+             stage: str, round_index: int, prompt_ids: list[int], source: int | None = None) -> list[int]:
+        first = len(out)
+        for c, r, info in zip(completions, scored.rewards, scored.info, strict=True):
+            out.append(Sample(index, stage, round_index, list(prompt_ids), list(c.token_ids), list(c.logprobs or []),
+                              c.text, float(r), bool(info.correct), c.policy_version, c.finish_reason, source))
+        return list(range(first, len(out)))
+
+    # ---------------------------------------------------------------- prompts
+    async def _grpo(self, index: int, record: PromptRecord, step: int, out: list[Sample], groups: list[Group]):
+        ids = self.fmt.encode_problem(record.problem)
+        comps = await self._sample(ids, self.alg.group_size, request_seed(self.run_seed, step, index, "grpo", 0))
+        scored = await self._score(self.reward, record, comps)
+        groups.append(Group(index, "grpo", 0, self._add(out, comps, scored, index=index, stage="grpo",
+                                                        round_index=0, prompt_ids=ids), trained=True))
+
+    async def _drafts(self, index: int, record: PromptRecord, step: int, out: list[Sample], groups: list[Group]):
+        cfg = self.alg.igrpo
+        ids = self.fmt.encode_problem(record.problem)
+        comps = await self._sample(ids, cfg.num_drafts, request_seed(self.run_seed, step, index, "draft", 0))
+        scored = await self._score(self.draft_reward, record, comps)
+        members = self._add(out, comps, scored, index=index, stage="draft", round_index=0, prompt_ids=ids)
+        group = Group(index, "draft", 0, members)
+        groups.append(group)
+        return group
+
+    async def _refine(self, index: int, record: PromptRecord, step: int, drafts: Group, out: list[Sample],
+                      groups: list[Group], selections: list[list[DraftSelection]]):
+        cfg = self.alg.igrpo
+        source = drafts
+        for k in range(1, cfg.num_rounds + 1):
+            rewards = torch.tensor([[out[i].reward for i in source.members]])  # [1, M]
+            correct = torch.tensor([[out[i].correct for i in source.members]])
+            lengths = torch.tensor([[len(out[i].completion_ids) for i in source.members]])
+            sel = select_with_config(rewards, cfg.selection, correct_mask=correct, draft_lengths=lengths,
+                                     seed=request_seed(self.run_seed, step, index, "select", k))
+            selections[k - 1][index] = sel
+            if not bool(sel.refine[0]):
+                source.trained = True  # 'skip' policy: the drafts are this prompt's GRPO group
+                return
+            chosen = source.members[int(sel.indices[0])]
+            if bool(sel.use_draft[0]):
+                built = build_refinement_prompt(
+                    self.fmt.message(record.problem), out[chosen].text, cfg.prompt,
+                    max_prompt_tokens=self.max_prompt_length, encode=self.fmt.encode_text, decode=self.fmt.decode)
+                ids = self.fmt.encode_message(built.text)
+            else:
+                ids = self.fmt.encode_problem(record.problem)
+            comps = await self._sample(ids, cfg.num_refinements, request_seed(self.run_seed, step, index, "refine", k))
+            scored = await self._score(self.reward, record, comps)
+            members = self._add(out, comps, scored, index=index, stage="refine", round_index=k, prompt_ids=ids,
+                                source=chosen if bool(sel.use_draft[0]) else None)
+            trained = cfg.train_on_rounds == "all" or k == cfg.num_rounds
+            source = Group(index, "refine", k, members, trained=trained)
+            groups.append(source)
+
+    # ------------------------------------------------------------------- step
+    async def run(self, records: Sequence[PromptRecord], step: int) -> RolloutBatch:
+        """Rollouts for one step's prompts (GRPO or iGRPO, per the recipe)."""
+        out: list[Sample] = []
+        groups: list[Group] = []
+        start = time.perf_counter()
+        if not self.alg.igrpo.enabled:
+            await asyncio.gather(*(self._grpo(i, r, step, out, groups) for i, r in enumerate(records)))
+            batch = RolloutBatch(out, sorted(groups, key=lambda g: (g.prompt_index, g.round)))
+            batch.timings["rollout"] = time.perf_counter() - start
+            batch.metrics.update(_reward_metrics(batch))
+            return batch
+        selections: list[list[DraftSelection | None]] = [[None] * len(records) for _ in range(self.alg.igrpo.num_rounds)]
+
+        async def one(i: int, r: PromptRecord, drafts: Group | None = None):
+            drafts = drafts or await self._drafts(i, r, step, out, groups)
+            await self._refine(i, r, step, drafts, out, groups, selections)
+
+        if self.barrier:
+            drafted = await asyncio.gather(*(self._drafts(i, r, step, out, groups) for i, r in enumerate(records)))
+            stage1 = time.perf_counter() - start
+            await asyncio.gather(*(one(i, r, d) for (i, r), d in zip(enumerate(records), drafted, strict=True)))
+        else:
+            await asyncio.gather(*(one(i, r) for i, r in enumerate(records)))
+            stage1 = float("nan")  # the stages overlap: there is no Stage-1 boundary
+        batch = RolloutBatch(out, sorted(groups, key=lambda g: (g.prompt_index, g.round)))
+        batch.timings.update(rollout=time.perf_counter() - start, rollout_stage1=stage1)
+        batch.metrics.update(self._igrpo_metrics(batch, selections))
+        batch.metrics.update(_reward_metrics(batch))
+        return batch
+
+    def _igrpo_metrics(self, batch: RolloutBatch, selections) -> dict[str, float]:
+        drafts = [g for g in batch.groups if g.stage == "draft"]
+        draft_r = torch.tensor([[batch.samples[i].reward for i in g.members] for g in drafts])  # [P, N]
+        stats = []
+        for k, per_prompt in enumerate(selections, start=1):
+            rows = [(p, s) for p, s in enumerate(per_prompt) if s is not None]
+            if not rows:
+                break
+            sel = _concat_selections([s for _, s in rows])
+            refined = {g.prompt_index: g for g in batch.groups if g.stage == "refine" and g.round == k}
+            g_size = self.alg.igrpo.num_refinements
+            r = torch.zeros(len(rows), g_size)
+            for j, (p, _) in enumerate(rows):
+                if p in refined:
+                    r[j] = torch.tensor([batch.samples[i].reward for i in refined[p].members])
+            stats.append(round_metrics(sel, r, k))
+        first = _concat_selections([s for s in selections[0] if s is not None])
+        return igrpo_step_metrics(draft_r, first, stats).as_dict()
+
+
+def _reward_metrics(batch: RolloutBatch) -> dict[str, float]:
+    """Mean reward, accuracy and response length per stage."""
+    out: dict[str, float] = {}
+    for stage in ("draft", "refine", "grpo"):
+        picked = [s for s in batch.samples if s.stage == stage]
+        if picked:
+            out[f"{stage}/reward_mean"] = sum(s.reward for s in picked) / len(picked)
+            out[f"{stage}/accuracy"] = sum(s.correct for s in picked) / len(picked)
+            out[f"{stage}/response_length"] = sum(len(s.completion_ids) for s in picked) / len(picked)
+    out["generated_tokens"] = float(batch.generated_tokens)
+    return out
