@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     get.add_argument("key", help="dotted key, e.g. cluster.gpus_per_node")
     get.add_argument("overrides", nargs="*", help="Hydra-style overrides")
 
+    train = sub.add_parser("train", help="run a recipe: rollouts, rewards, Megatron training, weight sync")
+    _add_recipe_args(train)
+
     ev = sub.add_parser("eval", help="pass@k evaluation on AIME24/25, MATH-500, AMC23 or custom sets")
     ev.add_argument("recipe_or_checkpoint", nargs="?",
                     help="recipe YAML, Hugging Face checkpoint directory (config.json), or Megatron checkpoint")
@@ -88,6 +91,16 @@ def _config(args: argparse.Namespace) -> int:
         sys.stdout.write(("" if value is None else str(value)) + "\n")
         return 0
     sys.stdout.write(recipe_to_yaml(recipe))
+    return 0
+
+
+@command("train")
+def _train(args: argparse.Namespace) -> int:
+    from igrpo_megatron.config import load_recipe
+    from igrpo_megatron.training.loop import run_training
+
+    run_dir = run_training(load_recipe(args.recipe, args.overrides))
+    logger.info("run directory: %s (summary.md, training.png, metrics.jsonl, checkpoints/)", run_dir.resolve())
     return 0
 
 

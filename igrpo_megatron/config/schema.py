@@ -31,6 +31,9 @@ class RunConfig:
     name: str = param("igrpo", help="Run name; the run directory is <output_dir>/<name>.")
     output_dir: str = param("runs", help="Parent directory of run directories.")
     seed: int = param(1234, help="Seed for data order, initialisation and sampling.")
+    cpu_threads: int | None = param(None, help="torch intra-op threads per trainer rank when running on CPU "
+                                               "(the vLLM sidecar shares the cores: 1 avoids thrashing on small "
+                                               "machines). null: torch's default. Ignored with GPUs.")
     tags: dict[str, str] = param(default_factory=dict, help="Free-form labels copied into metrics and "
                                                             "summaries (add with +run.tags.KEY=VALUE).")
 

@@ -23,6 +23,18 @@ class OptimizerConfig:
 
 
 @dataclass
+class WarmStartConfig:
+    """A short supervised warm-start on worked solutions before RL (tiny recipe: so rewards are not all 0)."""
+
+    enabled: bool = param(False, help="Run supervised steps on the synthetic task's worked solutions before "
+                                      "RL. Needs data.synthetic_task. false: start RL from the model as it is.")
+    steps: int = param(300, help="Supervised optimizer steps.")
+    batch_size: int = param(32, help="Worked solutions per supervised step.")
+    lr: float = param(1e-3, help="Peak learning rate of the warm-start (cosine to 0.1x, 5% warm-up).")
+    num_examples: int = param(4000, help="Distinct training problems generated for the warm-start.")
+
+
+@dataclass
 class TrainerConfig:
     """Sizes and counts of the RL loop."""
 
@@ -34,6 +46,7 @@ class TrainerConfig:
                                                "up to it), not a sample count.")
     eval_every: int = param(0, help="Run the held-out evaluation hook every N steps. 0 disables it.")
     save_every: int = param(0, help="Save a checkpoint every N steps (and at the end). 0: only at the end.")
+    warmstart: WarmStartConfig = param(default_factory=WarmStartConfig, help="Supervised warm-start before RL.")
 
 
 @dataclass
@@ -47,6 +60,9 @@ class DataConfig:
     answer_field: str = param("answer", help="Column holding the reference answer.")
     synthetic_task: str | None = param(None, help="Name of a built-in generated task (e.g. 'arithmetic') "
                                                   "used when train_path is null.")
+    synthetic_train_size: int = param(2000, help="Training problems generated for the synthetic task.")
+    tokenizer_vocab_size: int = param(512, help="Vocabulary of the tokenizer the recipe trains itself "
+                                                "(synthetic task without tokenizer_path); = model.vocab_size.")
     prompt_template: str = param(
         "{problem}\nThink step by step inside <think></think>, then give the final answer inside "
         "<answer></answer>.",

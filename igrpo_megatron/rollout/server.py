@@ -8,6 +8,7 @@ someone else's (e.g. the vLLM node group of a Slurm job) and this class only wai
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import signal
@@ -133,6 +134,8 @@ class RolloutServer:
                                           stdin=subprocess.DEVNULL, env=self.environment(),
                                           start_new_session=True)  # own process group: killpg reaches children
             logger.info("started vLLM server pid %d on %s (log: %s)", self._proc.pid, self.url, self.log_path)
+            # The server runs in its own session and would outlive a crashed trainer: stop it at exit.
+            atexit.register(self.stop)
             try:
                 self._wait_until_healthy(proc=self._proc)
             except BaseException:

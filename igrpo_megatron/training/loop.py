@@ -1,0 +1,295 @@
+"""The RL loop: rollout (two-stage or GRPO) -> rewards -> advantages -> train -> weight sync, per step.
+
+Every rank runs the trainer; rank 0 also owns the vLLM sidecar, the rollouts, the rewards, the
+evaluation hook and the metrics. Rank 0 turns the rollout into a :class:`TrainBatch` and
+broadcasts it; all ranks train on it; all ranks export the new weights, which rank 0 streams into
+the sidecar. Sampling seeds depend only on (run seed, step, prompt, stage), so a resumed run
+samples what the uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from igrpo_megatron.algorithms.advantages import group_advantages
+from igrpo_megatron.algorithms.losses import needs_reference
+from igrpo_megatron.config.loader import recipe_to_yaml, save_resolved_recipe
+from igrpo_megatron.config.schema import RecipeConfig
+from igrpo_megatron.rollout.two_stage import RolloutBatch
+from igrpo_megatron.training.batch import Sequence, TrainBatch
+
+logger = logging.getLogger(__name__)
+
+
+def build_train_batch(rollout: RolloutBatch, recipe: RecipeConfig) -> tuple[TrainBatch, dict[str, float]]:
+    """Group-normalised advantages for every trained group, as one TrainBatch (groups kept together)."""
+    adv_cfg = recipe.algorithm.advantage
+    sequences: list[Sequence] = []
+    uniform = 0
+    groups = rollout.training_groups()
+    for gid, group in enumerate(groups):
+        rewards = torch.tensor([[rollout.samples[i].reward for i in group.members]])  # [1, G]
+        adv, m = group_advantages(rewards, normalize_by_std=adv_cfg.normalize_by_std,
+                                  leave_one_out=adv_cfg.leave_one_out, eps=adv_cfg.eps)
+        uniform += int(m.num_uniform_groups)
+        for i, a in zip(group.members, adv[0].tolist(), strict=True):
+            s = rollout.samples[i]
+            if s.completion_ids:
+                sequences.append(Sequence(s.prompt_ids, s.completion_ids, a, s.rollout_logprobs, gid))
+    return TrainBatch(sequences), {"uniform_group_rate": uniform / max(len(groups), 1),
+                                   "trained_sequences": float(len(sequences))}
+
+
+def _split(batch: TrainBatch, parts: int) -> list[TrainBatch]:
+    """Mini-batches of whole groups (several optimizer steps per rollout batch)."""
+    if parts <= 1:
+        return [batch]
+    groups = sorted({s.group for s in batch.sequences})
+    chunks = [groups[i::parts] for i in range(parts)]
+    out = []
+    for chunk in chunks:
+        keep = [i for i, s in enumerate(batch.sequences) if s.group in set(chunk)]
+        out.append(TrainBatch([batch.sequences[i] for i in keep],
+                              old_logprobs=None if batch.old_logprobs is None else [batch.old_logprobs[i] for i in keep],
+                              ref_logprobs=None if batch.ref_logprobs is None else [batch.ref_logprobs[i] for i in keep]))
+    return [b for b in out if len(b)]
+
+
+class RLTrainer:
+    """``setup()``, ``train()``, ``save_checkpoint()``, ``cleanup()`` — the recipe's skeleton."""
+
+    def __init__(self, recipe: RecipeConfig):
+        self.recipe = recipe
+        self.run_dir = Path(recipe.run.output_dir) / recipe.run.name
+        self.step = 0
+        self.rank0 = True
+        self.history: list[dict[str, Any]] = []
+
+    # ------------------------------------------------------------------- setup
+    def setup(self) -> None:
+        self._setup_distributed()
+        self._setup_run_dir()
+        self._setup_tokenizer_and_data()
+        self._setup_policy()
+        if self.rank0:
+            self._setup_sidecar()
+            self._setup_rollout()
+        self._resume()
+
+    def _setup_distributed(self) -> None:
+        from igrpo_megatron.runtime.cpu_mode import enable_cpu_mode
+        from igrpo_megatron.runtime.parallel import init_distributed
+
+        if enable_cpu_mode() and self.recipe.run.cpu_threads:  # enable_cpu_mode does nothing with CUDA
+            torch.set_num_threads(self.recipe.run.cpu_threads)
+        self.layout = init_distributed(self.recipe.parallel, seed=self.recipe.run.seed)
+        self.rank0 = self.layout.is_main
+
+    def _setup_run_dir(self) -> None:
+        if self.rank0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_resolved_recipe(self.recipe, self.run_dir)
+            logger.info("run directory: %s", self.run_dir.resolve())
+        dist.barrier()
+
+    def _setup_tokenizer_and_data(self) -> None:
+        from transformers import AutoTokenizer
+
+        from igrpo_megatron.data.datasets import PromptLoader
+        from igrpo_megatron.data.prompts import PromptFormatter
+        from igrpo_megatron.data.sources import ensure_tokenizer, training_records
+
+        if self.rank0:
+            ensure_tokenizer(self.recipe, self.run_dir)
+        dist.barrier()
+        self.tokenizer_dir = ensure_tokenizer(self.recipe, self.run_dir)
+        self.tokenizer = AutoTokenizer.from_pretrained(str(self.tokenizer_dir))
+        self.fmt = PromptFormatter(self.tokenizer, self.recipe.data)
+        t = self.recipe.trainer
+        self.loader = PromptLoader(training_records(self.recipe), t.prompts_per_step, self.recipe.run.seed,
+                                   shuffle=self.recipe.data.shuffle)
+
+    def _setup_policy(self) -> None:
+        from igrpo_megatron.training.policy import MegatronPolicy
+        from igrpo_megatron.training.warmstart import run_warmstart
+
+        start_from = self.recipe.model.hf_path
+        if self.recipe.trainer.warmstart.enabled:
+            start_from = str(run_warmstart(self.recipe, self.run_dir, self.tokenizer_dir, self.fmt))
+            self.recipe.model.hf_path = start_from
+        self.initial_weights = start_from
+        t = self.recipe.trainer
+        self.policy = MegatronPolicy(self.recipe, total_optimizer_steps=t.num_steps * t.optimizer_steps_per_rollout)
+        self.policy.setup()
+
+    def _setup_sidecar(self) -> None:
+        from igrpo_megatron.rollout.client import BlockingRolloutClient, RolloutClient
+        from igrpo_megatron.rollout.server import RolloutServer
+        from igrpo_megatron.rollout.weight_sync import SharedMemoryReloadTransport, WeightSynchronizer
+
+        cfg = self.recipe.rollout
+        model_path = cfg.server.model_path or self.initial_weights
+        if cfg.server.url is None and model_path is None:
+            # A fresh random model: export it so the sidecar starts from exactly the trainer's weights.
+            model_path = str(self._export_initial())
+        self.server = RolloutServer(cfg.server, model_path=model_path, log_dir=self.run_dir / "sidecar")
+        self.server.start()
+        self.server.start_watchdog()
+        self.client = BlockingRolloutClient(RolloutClient.from_config(cfg, self.server.url))
+        self.sync = WeightSynchronizer(self.client.client, SharedMemoryReloadTransport.from_config(cfg.weight_sync, self.client.client))
+
+    def _export_initial(self) -> Path:
+        raise RuntimeError("the recipe gives no starting weights: set model.hf_path (or rollout.server.model_path), "
+                           "or enable trainer.warmstart for a synthetic task")
+
+    def _setup_rollout(self) -> None:
+        from igrpo_megatron.evaluation.hook import PeriodicEvaluator
+        from igrpo_megatron.rewards.registry import build_rewards
+        from igrpo_megatron.rollout.interfaces import SamplingParams
+        from igrpo_megatron.rollout.two_stage import TwoStageRollout
+        from igrpo_megatron.training.metrics import MetricsLogger
+
+        r = self.recipe
+        self.rewards = build_rewards(r.reward)
+        self.rollout = TwoStageRollout(
+            self.client.client, self.fmt, self.rewards.train, r.algorithm, SamplingParams.from_config(r.rollout.sampling),
+            max_prompt_length=r.data.max_prompt_length, run_seed=r.run.seed, draft_reward=self.rewards.draft)
+        self.evaluator = PeriodicEvaluator(r, tokenizer=self.tokenizer, reward=self.rewards.train,
+                                           run_dir=self.run_dir, max_model_len=r.rollout.server.max_model_len)
+        self.metrics = MetricsLogger(self.run_dir, r.logging, r.run.name)
+
+    def _checkpoint_root(self) -> Path:
+        return Path(self.recipe.checkpoint.save_dir or self.run_dir / "checkpoints")
+
+    def _resume(self) -> None:
+        from igrpo_megatron.training.checkpoint import find_latest
+
+        mode = self.recipe.checkpoint.resume
+        path = None
+        if mode == "auto":
+            path = find_latest(self._checkpoint_root())
+        elif mode not in ("none", ""):
+            path = Path(mode)
+        if path is None:
+            return
+        self.step, loop_state = self.policy.load(str(path))
+        self.loader.load_state_dict(loop_state["loader"])
+        if self.rank0:
+            self.metrics.truncate_after(self.step)
+            logger.info("resumed at step %d from %s", self.step, path)
+        self._push_weights(self.step)  # the sidecar starts from the initial weights: bring it up to date
+
+    # ------------------------------------------------------------------- train
+    def _rollout(self, records) -> tuple[TrainBatch | None, dict[str, float]]:
+        batch = metrics = None
+        if self.rank0:
+            rollout = self.client.run(self.rollout.run(records, self.step))
+            batch, extra = build_train_batch(rollout, self.recipe)
+            metrics = {**rollout.metrics, **extra, **{f"time/{k}": v for k, v in rollout.timings.items()}}
+            metrics["rollout_tokens_per_s"] = rollout.generated_tokens / max(rollout.timings["rollout"], 1e-9)
+            versions = {s.policy_version for s in rollout.samples}
+            if versions != {self.step}:
+                raise RuntimeError(f"step {self.step}: rollouts came from policy versions {sorted(versions)}")
+        shared = [batch, metrics]
+        dist.broadcast_object_list(shared, src=0)
+        return shared[0], shared[1]
+
+    def _push_weights(self, version: int) -> float:
+        start = time.perf_counter()
+        pairs = self.policy.export_hf_weights()
+        if self.rank0:
+            self.client.run(self.sync.sync(pairs, version=version))
+        else:
+            for _ in pairs:  # the export is collective: every rank walks it
+                pass
+        dist.barrier()
+        return time.perf_counter() - start
+
+    def _train_on(self, batch: TrainBatch) -> dict[str, float]:
+        timings = {}
+        t0 = time.perf_counter()
+        steps = self.recipe.trainer.optimizer_steps_per_rollout
+        if steps > 1:
+            self.policy.compute_logprobs(batch)
+        if needs_reference(self.recipe.algorithm.loss):
+            self.policy.compute_logprobs(batch, reference=True)
+        timings["time/logprob"] = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        out: dict[str, float] = {}
+        for part in _split(batch, steps):
+            out = self.policy.train_step(part)
+        timings["time/train"] = time.perf_counter() - t1
+        return {**out, **timings}
+
+    def _evaluate(self) -> dict[str, float]:
+        metrics = {}
+        if self.rank0:
+            metrics = self.evaluator(self.client, self.step)
+        return metrics
+
+    def train(self) -> None:
+        t = self.recipe.trainer
+        if self.step == 0 and t.eval_every and self.rank0:
+            self._log(self._evaluate())
+        start = time.perf_counter()
+        first = self.step
+        while self.step < t.num_steps:
+            step_start = time.perf_counter()
+            batch, metrics = self._rollout(self.loader.next_batch())
+            metrics.update(self._train_on(batch))
+            self.step += 1
+            metrics["time/sync"] = self._push_weights(self.step)
+            metrics["time/step"] = time.perf_counter() - step_start
+            if t.eval_every and (self.step % t.eval_every == 0 or self.step == t.num_steps):
+                metrics.update(self._evaluate())
+            if t.save_every and self.step % t.save_every == 0 or self.step == t.num_steps:
+                self.save_checkpoint()
+            if self.rank0:
+                self._log(metrics)
+                rate = (self.step - first) / (time.perf_counter() - start)
+                logger.info("step %d/%d  reward %.3f  loss %.4f  entropy %.3f  %.1fs/step  eta %.0fs", self.step,
+                            t.num_steps, metrics.get("refine/reward_mean", metrics.get("grpo/reward_mean", 0.0)),
+                            metrics.get("loss", 0.0), metrics.get("entropy", 0.0), 1 / rate,
+                            (t.num_steps - self.step) / rate)
+
+    def _log(self, metrics: dict[str, float]) -> None:
+        self.metrics.log(self.step, {**metrics, "policy_version": self.step})
+
+    def save_checkpoint(self) -> None:
+        self.policy.save(str(self._checkpoint_root()), self.step, {"loader": self.loader.state_dict()},
+                         recipe_to_yaml(self.recipe))
+
+    def cleanup(self) -> None:
+        from igrpo_megatron.runtime.parallel import destroy_distributed
+
+        if self.rank0 and hasattr(self, "metrics"):
+            from igrpo_megatron.training.summary import write_summary
+
+            write_summary(self.run_dir, self.metrics.history(), self.recipe)
+        # Whatever setup got as far as building, in reverse order (setup may have failed half-way).
+        for name in ("metrics", "evaluator", "rollout", "rewards", "client", "server"):
+            part = getattr(self, name, None)
+            if part is not None:
+                try:
+                    part.close()
+                except Exception:  # closing one part must not keep the others (and the sidecar) alive
+                    logger.exception("closing %s failed", name)
+        destroy_distributed()
+
+
+def run_training(recipe: RecipeConfig) -> Path:
+    """Set up, train, clean up; returns the run directory."""
+    trainer = RLTrainer(recipe)
+    try:
+        trainer.setup()
+        trainer.train()
+    finally:
+        if hasattr(trainer, "policy"):
+            trainer.cleanup()
+    return trainer.run_dir

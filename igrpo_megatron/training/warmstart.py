@@ -1,0 +1,74 @@
+"""Supervised warm-start on the synthetic task's worked solutions, before RL.
+
+A random tiny model never answers correctly, so every group would have zero advantage. A few
+hundred supervised steps teach it the answer format and some arithmetic; RL then has signal.
+Supervised training reuses the RL step: with advantage 1 and the on-policy ratio (= 1) the policy
+loss's gradient is exactly that of the mean token negative log-likelihood.
+The result is written as a Hugging Face directory, which both the RL trainer and the vLLM
+sidecar start from; a finished warm-start is found and reused on resume.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import random
+import time
+from pathlib import Path
+
+import torch.distributed as dist
+
+from igrpo_megatron.config.schema import RecipeConfig
+from igrpo_megatron.data.prompts import PromptFormatter
+from igrpo_megatron.data.synthetic import build_task
+from igrpo_megatron.training.batch import Sequence, TrainBatch
+
+logger = logging.getLogger(__name__)
+
+DONE_MARK = "config.json"
+
+
+def _sequences(recipe: RecipeConfig, fmt: PromptFormatter) -> list[Sequence]:
+    ws, d = recipe.trainer.warmstart, recipe.data
+    items = build_task(d.synthetic_task).generate(ws.num_examples, "train", seed=recipe.run.seed + 1)
+    eos = [fmt.eos_token_id] if fmt.eos_token_id is not None else []
+    return [Sequence(fmt.encode_problem(p.problem), fmt.encode_text(p.solution) + eos, advantage=1.0)
+            for p in items]
+
+
+def _supervised_recipe(recipe: RecipeConfig) -> RecipeConfig:
+    sft = copy.deepcopy(recipe)
+    ws = recipe.trainer.warmstart
+    sft.optimizer.lr, sft.optimizer.warmup_fraction, sft.optimizer.min_lr_ratio = ws.lr, 0.05, 0.1
+    sft.algorithm.loss.kl.coef = 0.0
+    sft.algorithm.loss.truncated_is.enabled = False
+    sft.algorithm.loss.aggregation = "token_mean"  # plain mean NLL over all answer tokens
+    return sft
+
+
+def run_warmstart(recipe: RecipeConfig, run_dir: Path, tokenizer_dir: Path, fmt: PromptFormatter) -> Path:
+    """Train, export to ``<run_dir>/warmstart`` and return it (collective; reused when already there)."""
+    from igrpo_megatron.models.hf_io import save_hf_checkpoint
+    from igrpo_megatron.training.policy import MegatronPolicy
+
+    out = run_dir / "warmstart"
+    if (out / DONE_MARK).exists():
+        logger.info("warm-start found at %s; skipping it", out)
+        return out
+    ws = recipe.trainer.warmstart
+    sequences = _sequences(recipe, fmt)
+    policy = MegatronPolicy(_supervised_recipe(recipe), total_optimizer_steps=ws.steps, temperature=1.0)
+    policy.setup()
+    rng = random.Random(recipe.run.seed)
+    start = time.perf_counter()
+    for step in range(1, ws.steps + 1):
+        metrics = policy.train_step(TrainBatch(rng.sample(sequences, ws.batch_size)))
+        if step % 25 == 0 or step == ws.steps:
+            rate = step / (time.perf_counter() - start)
+            logger.info("warm-start %d/%d  nll %.3f  lr %.2e  %.1f steps/s  eta %.0fs", step, ws.steps,
+                        -metrics.get("token_logprob", float("nan")), metrics["lr"], rate, (ws.steps - step) / rate)
+    save_hf_checkpoint(policy.chunks, recipe.model, out, tokenizer_dir=tokenizer_dir)
+    del policy
+    if dist.is_initialized():
+        dist.barrier()
+    return out
