@@ -53,6 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="run a recipe: rollouts, rewards, Megatron training, weight sync")
     _add_recipe_args(train)
 
+    cmp = sub.add_parser("compare", help="GRPO vs iGRPO at a matched rollout budget over several seeds")
+    _add_recipe_args(cmp)
+    cmp.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",") if x], default=[1, 2, 3],
+                     help="comma list of seeds (default 1,2,3)")
+    cmp.add_argument("--output", dest="output_dir", help="directory for the runs, compare.md and compare.png")
+
     ev = sub.add_parser("eval", help="pass@k evaluation on AIME24/25, MATH-500, AMC23 or custom sets")
     ev.add_argument("recipe_or_checkpoint", nargs="?",
                     help="recipe YAML, Hugging Face checkpoint directory (config.json), or Megatron checkpoint")
@@ -101,6 +107,15 @@ def _train(args: argparse.Namespace) -> int:
 
     run_dir = run_training(load_recipe(args.recipe, args.overrides))
     logger.info("run directory: %s (summary.md, training.png, metrics.jsonl, checkpoints/)", run_dir.resolve())
+    return 0
+
+
+@command("compare")
+def _compare(args: argparse.Namespace) -> int:
+    from igrpo_megatron.training.compare import run_compare
+
+    root = run_compare(args.recipe, args.overrides, args.seeds, args.output_dir)
+    logger.info("comparison: %s", (root / "compare.md").resolve())
     return 0
 
 

@@ -60,6 +60,8 @@ class DataConfig:
     answer_field: str = param("answer", help="Column holding the reference answer.")
     synthetic_task: str | None = param(None, help="Name of a built-in generated task (e.g. 'arithmetic') "
                                                   "used when train_path is null.")
+    synthetic_options: dict[str, int] = param(default_factory=dict, help="Settings of the synthetic task "
+                                              "(arithmetic: min_steps, max_steps, max_operand, max_start).")
     synthetic_train_size: int = param(2000, help="Training problems generated for the synthetic task.")
     tokenizer_vocab_size: int = param(512, help="Vocabulary of the tokenizer the recipe trains itself "
                                                 "(synthetic task without tokenizer_path); = model.vocab_size.")

@@ -19,7 +19,7 @@ def training_records(recipe: RecipeConfig) -> list[PromptRecord]:
         records, _ = load_prompts(d.train_path, d.problem_field, d.answer_field)
         return records
     if d.synthetic_task:
-        items = build_task(d.synthetic_task).generate(d.synthetic_train_size, "train", seed=recipe.run.seed)
+        items = build_task(d.synthetic_task, d.synthetic_options).generate(d.synthetic_train_size, "train", seed=recipe.run.seed)
         return [PromptRecord(p.problem, p.answer, f"{d.synthetic_task}:train:{i}") for i, p in enumerate(items)]
     raise ValueError("the recipe names no training prompts: set data.train_path (JSONL/Parquet) or "
                      "data.synthetic_task (e.g. 'arithmetic')")
@@ -43,7 +43,7 @@ def ensure_tokenizer(recipe: RecipeConfig, run_dir: Path) -> Path:
         return out
     from igrpo_megatron.data.tokenizer import build_tokenizer
 
-    task = build_task(d.synthetic_task)
+    task = build_task(d.synthetic_task, d.synthetic_options)
     items = task.generate(2000, "train", seed=recipe.run.seed + 7)
     texts = [d.prompt_template.replace("{problem}", p.problem) + "\n" + p.solution for p in items]
     texts += [recipe.algorithm.igrpo.prompt.template] * 50  # frequent enough for its words to become tokens

@@ -11,6 +11,7 @@ of its text falls in the held-out bucket, whatever seed generated it.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import random
 from dataclasses import dataclass
@@ -85,8 +86,14 @@ class ArithmeticTask:
 SYNTHETIC_TASKS = {"arithmetic": ArithmeticTask}
 
 
-def build_task(name: str) -> ArithmeticTask:
-    """The built-in generated task called ``name`` (recipe key ``data.synthetic_task``)."""
+def build_task(name: str, options: dict[str, int] | None = None) -> ArithmeticTask:
+    """The built-in generated task called ``name`` (``data.synthetic_task``, ``data.synthetic_options``)."""
     if name not in SYNTHETIC_TASKS:
         raise ValueError(f"data.synthetic_task={name!r} is not known; built-in tasks: {sorted(SYNTHETIC_TASKS)}")
-    return SYNTHETIC_TASKS[name]()
+    cls = SYNTHETIC_TASKS[name]
+    try:
+        return cls(**(options or {}))
+    except TypeError:
+        known = sorted(f.name for f in dataclasses.fields(cls))
+        raise ValueError(f"data.synthetic_options={options!r} does not fit the {name!r} task; its settings are "
+                         f"{known}") from None

@@ -57,6 +57,7 @@ class BenchmarkSpec:
     default_samples: int | None = None  # the paper's k for built-ins
     synthetic_task: str | None = None  # 'heldout' of a generated task (data.synthetic_task): no file
     synthetic_seed: int = 0
+    synthetic_options: dict[str, int] | None = None  # data.synthetic_options
 
 
 BUILTIN_BENCHMARKS: dict[str, BenchmarkSpec] = {
@@ -142,7 +143,7 @@ def resolve_spec(name: str, cfg: EvaluationConfig, data: DataConfig | None = Non
                                  answer_field=data.answer_field, path=data.eval_path)
         if data is not None and data.synthetic_task is not None:
             return BenchmarkSpec(HELDOUT_BENCHMARK, answer_type="integer", synthetic_task=data.synthetic_task,
-                                 synthetic_seed=seed)
+                                 synthetic_seed=seed, synthetic_options=dict(data.synthetic_options))
         raise BenchmarkError("benchmark 'heldout' reads data.eval_path (or the held-out split of "
                              "data.synthetic_task), and neither is set; set data.eval_path to the held-out "
                              "JSONL/Parquet file, or name another benchmark.")
@@ -216,7 +217,7 @@ def _synthetic_rows(spec: BenchmarkSpec, limit: int | None) -> list[dict[str, An
     from igrpo_megatron.data.synthetic import build_task
 
     try:
-        task = build_task(spec.synthetic_task)
+        task = build_task(spec.synthetic_task, spec.synthetic_options)
     except ValueError as exc:
         raise BenchmarkError(f"benchmark {spec.name!r}: {exc}") from None
     items = task.generate(limit or SYNTHETIC_HELDOUT_SIZE, "heldout", spec.synthetic_seed)

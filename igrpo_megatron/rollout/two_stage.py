@@ -136,6 +136,25 @@ class TwoStageRollout:
                               c.text, float(r), bool(info.correct), c.policy_version, c.finish_reason, source))
         return list(range(first, len(out)))
 
+    def _refinement_ids(self, record: PromptRecord, draft_text: str) -> list[int] | None:
+        """Token ids of q' (chat template included) within ``max_prompt_length``, or None when none of
+        the draft fits: the server would reject the longer prompt and fail the whole step.
+
+        ``build_refinement_prompt`` counts raw text, so the chat template's own tokens come off the
+        budget first and the finished ids are checked exactly (as evaluation's refinement does, so
+        training and test-time prompts are built alike).
+        """
+        overhead = len(self.fmt.encode_message(""))
+        built = build_refinement_prompt(
+            self.fmt.message(record.problem), draft_text, self.alg.igrpo.prompt,
+            max_prompt_tokens=self.max_prompt_length - overhead, encode=self.fmt.encode_text, decode=self.fmt.decode)
+        ids = self.fmt.encode_message(built.text)
+        if not built.fits or not built.draft_shown.strip() or len(ids) > self.max_prompt_length:
+            logger.warning("no room for the draft in a %d-token refinement prompt (max_prompt_length %d); "
+                           "sampling the refinements from the plain prompt", len(ids), self.max_prompt_length)
+            return None
+        return ids
+
     # ---------------------------------------------------------------- prompts
     async def _grpo(self, index: int, record: PromptRecord, step: int, out: list[Sample], groups: list[Group]):
         ids = self.fmt.encode_problem(record.problem)
@@ -169,17 +188,13 @@ class TwoStageRollout:
                 source.trained = True  # 'skip' policy: the drafts are this prompt's GRPO group
                 return
             chosen = source.members[int(sel.indices[0])]
-            if bool(sel.use_draft[0]):
-                built = build_refinement_prompt(
-                    self.fmt.message(record.problem), out[chosen].text, cfg.prompt,
-                    max_prompt_tokens=self.max_prompt_length, encode=self.fmt.encode_text, decode=self.fmt.decode)
-                ids = self.fmt.encode_message(built.text)
-            else:
-                ids = self.fmt.encode_problem(record.problem)
+            ids = self._refinement_ids(record, out[chosen].text) if bool(sel.use_draft[0]) else None
+            if ids is None:  # no draft to show, or no room for it: the plain prompt
+                ids, chosen = self.fmt.encode_problem(record.problem), None
             comps = await self._sample(ids, cfg.num_refinements, request_seed(self.run_seed, step, index, "refine", k))
             scored = await self._score(self.reward, record, comps)
             members = self._add(out, comps, scored, index=index, stage="refine", round_index=k, prompt_ids=ids,
-                                source=chosen if bool(sel.use_draft[0]) else None)
+                                source=chosen)
             trained = cfg.train_on_rounds == "all" or k == cfg.num_rounds
             source = Group(index, "refine", k, members, trained=trained)
             groups.append(source)
@@ -219,6 +234,7 @@ class TwoStageRollout:
         drafts = [g for g in batch.groups if g.stage == "draft"]
         draft_r = torch.tensor([[batch.samples[i].reward for i in g.members] for g in drafts])  # [P, N]
         stats = []
+        wanted = dropped = 0  # refinement groups meant to show a draft, and those left without it
         for k, per_prompt in enumerate(selections, start=1):
             rows = [(p, s) for p, s in enumerate(per_prompt) if s is not None]
             if not rows:
@@ -230,9 +246,14 @@ class TwoStageRollout:
             for j, (p, _) in enumerate(rows):
                 if p in refined:
                     r[j] = torch.tensor([batch.samples[i].reward for i in refined[p].members])
+                    if bool(sel.use_draft[j]):
+                        wanted += 1
+                        dropped += batch.samples[refined[p].members[0]].draft_source is None
             stats.append(round_metrics(sel, r, k))
         first = _concat_selections([s for s in selections[0] if s is not None])
-        return igrpo_step_metrics(draft_r, first, stats).as_dict()
+        metrics = igrpo_step_metrics(draft_r, first, stats).as_dict()
+        metrics["draft_dropped_rate"] = dropped / wanted if wanted else 0.0  # no room in max_prompt_length
+        return metrics
 
 
 async def _all_or_cancel(coros: Iterable[Awaitable[T]]) -> list[T]:

@@ -245,6 +245,8 @@ class RLTrainer:
             metrics.update(self._train_on(batch))
             self.step += 1
             metrics["time/sync"] = self._push_weights(self.step)
+            if self.rank0:  # what the sidecar itself reports, not what we believe we sent
+                metrics["sidecar_weight_version"] = float(self.client.run(self.sync.server_version()))
             metrics["time/step"] = time.perf_counter() - step_start
             if t.eval_every and (self.step % t.eval_every == 0 or self.step == t.num_steps):
                 metrics.update(self._evaluate())

@@ -30,7 +30,7 @@ DONE_MARK = "config.json"
 
 def _sequences(recipe: RecipeConfig, fmt: PromptFormatter) -> list[Sequence]:
     ws, d = recipe.trainer.warmstart, recipe.data
-    items = build_task(d.synthetic_task).generate(ws.num_examples, "train", seed=recipe.run.seed + 1)
+    items = build_task(d.synthetic_task, d.synthetic_options).generate(ws.num_examples, "train", seed=recipe.run.seed + 1)
     eos = [fmt.eos_token_id] if fmt.eos_token_id is not None else []
     return [Sequence(fmt.encode_problem(p.problem), fmt.encode_text(p.solution) + eos, advantage=1.0)
             for p in items]
