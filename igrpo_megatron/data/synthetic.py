@@ -47,6 +47,14 @@ class ArithmeticTask:
     max_start: int = 20
     heldout_percent: int = 10
 
+    def __post_init__(self) -> None:
+        if not 1 <= self.min_steps <= self.max_steps:
+            raise ValueError(f"arithmetic task: need 1 <= min_steps <= max_steps (got {self.min_steps}, "
+                             f"{self.max_steps}); fix data.synthetic_options")
+        if self.max_operand < 2 or self.max_start < 0:
+            raise ValueError(f"arithmetic task: max_operand must be >= 2 and max_start >= 0 (got "
+                             f"{self.max_operand}, {self.max_start}); fix data.synthetic_options")
+
     def _make(self, rng: random.Random) -> Problem:
         start = rng.randint(0, self.max_start)
         steps = rng.randint(self.min_steps, self.max_steps)
@@ -93,7 +101,7 @@ def build_task(name: str, options: dict[str, int] | None = None) -> ArithmeticTa
     cls = SYNTHETIC_TASKS[name]
     try:
         return cls(**(options or {}))
-    except TypeError:
+    except TypeError:  # an unknown option name
         known = sorted(f.name for f in dataclasses.fields(cls))
         raise ValueError(f"data.synthetic_options={options!r} does not fit the {name!r} task; its settings are "
                          f"{known}") from None
