@@ -32,6 +32,9 @@ class WarmStartConfig:
     batch_size: int = param(32, help="Worked solutions per supervised step.")
     lr: float = param(1e-3, help="Peak learning rate of the warm-start (cosine to 0.1x, 5% warm-up).")
     num_examples: int = param(4000, help="Distinct training problems generated for the warm-start.")
+    refinement_fraction: float = param(0.0, help="Share of warm-start examples shown as draft-conditioned "
+                                                 "prompts (a draft from another problem, or the right one), so a "
+                                                 "random model learns to read a draft. 0: plain prompts only.")
 
 
 @dataclass
@@ -46,6 +49,9 @@ class TrainerConfig:
                                                "up to it), not a sample count.")
     eval_every: int = param(0, help="Run the held-out evaluation hook every N steps. 0 disables it.")
     save_every: int = param(0, help="Save a checkpoint every N steps (and at the end). 0: only at the end.")
+    stop_after_steps: int | None = param(None, help="Stop (saving a checkpoint, as if preempted) after this many "
+                                                    "steps of this invocation; the schedule still spans num_steps. "
+                                                    "For time-boxed jobs and resume tests. null: run to num_steps.")
     warmstart: WarmStartConfig = param(default_factory=WarmStartConfig, help="Supervised warm-start before RL.")
 
 

@@ -239,7 +239,8 @@ class RLTrainer:
             self._log(self._evaluate())
         start = time.perf_counter()
         first = self.step
-        while self.step < t.num_steps:
+        last = t.num_steps if t.stop_after_steps is None else min(t.num_steps, first + t.stop_after_steps)
+        while self.step < last:
             step_start = time.perf_counter()
             batch, metrics = self._rollout(self.loader.next_batch())
             metrics.update(self._train_on(batch))
@@ -250,7 +251,7 @@ class RLTrainer:
             metrics["time/step"] = time.perf_counter() - step_start
             if t.eval_every and (self.step % t.eval_every == 0 or self.step == t.num_steps):
                 metrics.update(self._evaluate())
-            if t.save_every and self.step % t.save_every == 0 or self.step == t.num_steps:
+            if t.save_every and self.step % t.save_every == 0 or self.step == last:
                 self.save_checkpoint()
             if self.rank0:
                 self._log(metrics)

@@ -29,11 +29,28 @@ DONE_MARK = "config.json"
 
 
 def _sequences(recipe: RecipeConfig, fmt: PromptFormatter) -> list[Sequence]:
+    """Worked solutions for plain prompts and, when iGRPO is on, for draft-conditioned prompts too.
+
+    A draft-conditioned example shows another problem's solution as the "earlier attempt" (so it is
+    usually wrong) and trains on the correct one: the model learns to read a draft without copying
+    it. Pretrained reasoning models bring this ability; a random tiny model has to be shown it.
+    """
+    from igrpo_megatron.algorithms.refinement_prompt import build_refinement_prompt
+
     ws, d = recipe.trainer.warmstart, recipe.data
     items = build_task(d.synthetic_task, d.synthetic_options).generate(ws.num_examples, "train", seed=recipe.run.seed + 1)
     eos = [fmt.eos_token_id] if fmt.eos_token_id is not None else []
-    return [Sequence(fmt.encode_problem(p.problem), fmt.encode_text(p.solution) + eos, advantage=1.0)
-            for p in items]
+    rng = random.Random(recipe.run.seed + 2)
+    out = []
+    for p in items:
+        prompt = fmt.encode_problem(p.problem)
+        if recipe.algorithm.igrpo.enabled and rng.random() < ws.refinement_fraction:
+            draft = p.solution if rng.random() < 0.3 else rng.choice(items).solution
+            built = build_refinement_prompt(fmt.message(p.problem), draft, recipe.algorithm.igrpo.prompt,
+                                            encode=fmt.encode_text, decode=fmt.decode)
+            prompt = fmt.encode_message(built.text)
+        out.append(Sequence(prompt, fmt.encode_text(p.solution) + eos, advantage=1.0))
+    return out
 
 
 def _supervised_recipe(recipe: RecipeConfig) -> RecipeConfig:
