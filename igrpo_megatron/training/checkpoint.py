@@ -203,9 +203,13 @@ def save_training_checkpoint(root: str | os.PathLike, step: int, chunks: list[to
     rank0 = _is_rank0()
     if rank0:
         shutil.rmtree(tmp, ignore_errors=True)
-        (tmp / "rng").mkdir(parents=True)
+        tmp.mkdir(parents=True)  # empty: dist_checkpointing warns about (and overwrites) anything in it
     _barrier()
     dist_checkpointing.save(_full_sharded_state(chunks, optimizer, is_loading=False), str(tmp))
+    _barrier()
+    if rank0:
+        (tmp / "rng").mkdir()
+    _barrier()
     rank = dist.get_rank() if dist.is_initialized() else 0
     torch.save(_rng_state(), tmp / "rng" / f"rank_{rank:05d}.pt")
     _barrier()

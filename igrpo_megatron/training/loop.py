@@ -187,18 +187,41 @@ class RLTrainer:
 
     # ------------------------------------------------------------------- train
     def _rollout(self, records) -> tuple[TrainBatch | None, dict[str, float]]:
-        batch = metrics = None
-        if self.rank0:
-            rollout = self.client.run(self.rollout.run(records, self.step))
-            batch, extra = build_train_batch(rollout, self.recipe)
-            metrics = {**rollout.metrics, **extra, **{f"time/{k}": v for k, v in rollout.timings.items()}}
-            metrics["rollout_tokens_per_s"] = rollout.generated_tokens / max(rollout.timings["rollout"], 1e-9)
-            versions = {s.policy_version for s in rollout.samples}
-            if versions != {self.step}:
-                raise RuntimeError(f"step {self.step}: rollouts came from policy versions {sorted(versions)}")
-        shared = [batch, metrics]
-        dist.broadcast_object_list(shared, src=0)
-        return shared[0], shared[1]
+        """The step's rollouts on rank 0, broadcast to every rank.
+
+        If the sidecar dies (or restarted and lost the weights), rank 0 restarts it, every rank
+        re-sends the current weights (the export is collective) and the step's rollouts run again:
+        seeds depend on the step only, so the retry samples what the first try would have.
+        """
+        from igrpo_megatron.rollout.interfaces import SidecarError
+
+        for attempt in range(self.recipe.rollout.server.max_restarts + 1):
+            batch = metrics = failure = None
+            if self.rank0:
+                try:
+                    batch, metrics = self._rollout_rank0(records)
+                except SidecarError as exc:
+                    failure = f"{type(exc).__name__}: {exc}"
+                    self.server.ensure_running()
+                    self.server.start()  # waits until healthy (also for an external server)
+            shared = [batch, metrics, failure]
+            dist.broadcast_object_list(shared, src=0)
+            if shared[2] is None:
+                return shared[0], shared[1]
+            logger.warning("step %d: rollout failed (%s); re-sending weights and retrying (%d)",
+                           self.step, shared[2], attempt + 1)
+            self._push_weights(self.step)
+        raise RuntimeError(f"step {self.step}: the sidecar kept failing; see {self.run_dir / 'sidecar'}")
+
+    def _rollout_rank0(self, records) -> tuple[TrainBatch, dict[str, float]]:
+        rollout = self.client.run(self.rollout.run(records, self.step))
+        batch, extra = build_train_batch(rollout, self.recipe)
+        metrics = {**rollout.metrics, **extra, **{f"time/{k}": v for k, v in rollout.timings.items()}}
+        metrics["rollout_tokens_per_s"] = rollout.generated_tokens / max(rollout.timings["rollout"], 1e-9)
+        versions = {s.policy_version for s in rollout.samples}
+        if versions != {self.step}:
+            raise RuntimeError(f"step {self.step}: rollouts came from policy versions {sorted(versions)}")
+        return batch, metrics
 
     def _push_weights(self, version: int) -> float:
         start = time.perf_counter()
