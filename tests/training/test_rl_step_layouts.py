@@ -106,3 +106,37 @@ def test_layout_gives_the_same_step(reference, hf_dir, world_size, layout):
     for name, tensor in ref_weights.items():
         rel = ((weights[name] - tensor).norm() / tensor.norm()).item()
         assert rel < 1e-5, f"{name}: relative difference {rel:.2e}"
+
+
+def _direction(rank, world_size, hf_path):
+    """Three RL steps on a group where one completion has a positive and one a negative advantage."""
+    from igrpo_megatron.runtime.cpu_mode import enable_cpu_mode
+    from igrpo_megatron.runtime.parallel import destroy_distributed, init_distributed
+    from igrpo_megatron.training.batch import Sequence, TrainBatch
+    from igrpo_megatron.training.policy import MegatronPolicy
+
+    enable_cpu_mode()
+    r = recipe(hf_path)
+    init_distributed(r.parallel, seed=1)
+    policy = MegatronPolicy(r, total_optimizer_steps=3)
+    policy.setup()
+    good = Sequence([1, 2, 3], [10, 11, 12], advantage=1.0)
+    bad = Sequence([1, 2, 3], [20, 21, 22], advantage=-1.0)
+
+    def logps() -> list[float]:
+        batch = TrainBatch([good, bad])
+        policy.compute_logprobs(batch)
+        return [float(t.sum()) for t in batch.old_logprobs]
+
+    before = logps()
+    for _ in range(3):
+        policy.train_step(TrainBatch([good, bad]))
+    after = logps()
+    destroy_distributed()
+    return before, after
+
+
+def test_rl_steps_move_probability_towards_positive_advantage(hf_dir):
+    (good0, bad0), (good1, bad1) = run_on_ranks(_direction, 1, args=(hf_dir,))[0]
+    assert good1 > good0 + 0.1  # the rewarded completion became more likely
+    assert bad1 < bad0 - 0.1    # the penalised one less likely
