@@ -102,9 +102,14 @@ def _config(args: argparse.Namespace) -> int:
 
 @command("train")
 def _train(args: argparse.Namespace) -> int:
+    import signal
+
     from igrpo_megatron.config import load_recipe
     from igrpo_megatron.training.loop import run_training
 
+    # SIGTERM (Slurm, torchrun, kill) must unwind through cleanup, which stops the vLLM sidecar: it runs
+    # in its own session and would otherwise outlive the trainer.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     run_dir = run_training(load_recipe(args.recipe, args.overrides))
     logger.info("run directory: %s (summary.md, training.png, metrics.jsonl, checkpoints/)", run_dir.resolve())
     return 0
