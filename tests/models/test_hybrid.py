@@ -99,9 +99,28 @@ def _single_rank_facts(rank, world_size, model_cfg):
         no_grad=[n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0],
         # Checkpoint names live in each ShardedTensor's ``key`` (the dict keys stay module-local).
         sharded_keys=sorted(getattr(v, "key", k) for k, v in model.sharded_state_dict().items()),
+        decode_diff=_decode_step_diff(mamba_layers[0].mixer),
     )
     destroy_distributed()
     return facts
+
+
+def _decode_step_diff(mixer) -> float:
+    """Prefill 8 steps into fresh states, decode the 9th: max |difference| from the full forward.
+
+    Batch 1: megatron-core 0.19's PyTorch decoding step (what runs without CUDA, see
+    ``models/compat.use_cpu_decode_kernels``) takes one token of one sequence at a time.
+    """
+    import torch
+
+    hidden = torch.randn(9, 1, mixer.d_model, generator=torch.Generator().manual_seed(1))  # [L, B, D]
+    conv_shape, ssm_shape = mixer.mamba_state_shapes_per_request()
+    conv_state, ssm_state = torch.zeros(1, *conv_shape), torch.zeros(1, *ssm_shape)
+    with torch.no_grad():
+        full, _ = mixer(hidden)
+        mixer._ssm_prefill(mixer.in_proj(hidden[:8])[0], conv_state=conv_state, ssm_state=ssm_state)
+        step, _ = mixer._decode(hidden[8:], conv_state, ssm_state)
+    return float((step[0] - full[8]).abs().max())
 
 
 @pytest.fixture(scope="module")
@@ -131,6 +150,10 @@ def test_forward_is_causal_and_both_mixer_paths_agree(single_rank_facts):
     assert facts["past_diff"] == 0.0  # changing token 10 cannot move logits 0..9
     assert facts["future_diff"] > 1e-4  # ... but does move the later ones
     assert facts["prefill_diff"] < 1e-4  # fused training kernel == conv + scan + gated norm
+
+
+def test_one_token_decode_step_matches_the_full_forward(single_rank_facts):
+    assert single_rank_facts["decode_diff"] < 1e-5  # the mixer's recurrent step == its chunked scan
 
 
 def test_every_parameter_gets_a_gradient(single_rank_facts):

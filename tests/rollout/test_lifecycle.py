@@ -85,7 +85,7 @@ def test_command_and_environment_come_from_the_recipe(tmp_path):
     cmd = " ".join(server.command())
     assert "-m vllm.entrypoints.openai.api_server --model " + str(tmp_path) in cmd
     for part in ["--port 8123", "--tensor-parallel-size 2", "--data-parallel-size 3", "--max-model-len 2048",
-                 "--seed 5", "--dtype float32", "--served-model-name policy", "--logprobs-mode raw_logprobs"]:
+                 "--seed 5", "--dtype float32", "--served-model-name policy", "--logprobs-mode processed_logprobs"]:
         assert part in cmd
     assert cmd.endswith("--max-logprobs 2") and "--gpu-memory-utilization" not in cmd
     env = server.environment()
