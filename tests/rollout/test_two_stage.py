@@ -8,6 +8,7 @@ model's own (transformers, teacher-forced at the sampling temperature). One test
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 import torch
@@ -29,6 +30,9 @@ from igrpo_megatron.rollout.interfaces import (
 from igrpo_megatron.rollout.two_stage import TwoStageRollout, request_seed
 from tests.helpers.tiny_models import hf_token_logprobs
 
+# The tiny tokenizer spells the refinement template's English out in ~280 tokens; with a draft cut to
+# 24 tokens and the chat template, q' stays under this (and under the server's 512 minus max_tokens 16).
+MAX_PROMPT = 480
 RECORDS = [PromptRecord(f"Start with {i}. Add 3. What is the result?", str(i + 3)) for i in range(8)]
 TEMPERATURE = 0.8
 
@@ -59,7 +63,7 @@ def run_rollout(url, model_dir, reward, alg, barrier=False):
 
     async def go():
         async with RolloutClient(url) as client:
-            runner = TwoStageRollout(client, fmt, reward, alg, sampling, max_prompt_length=200, run_seed=3,
+            runner = TwoStageRollout(client, fmt, reward, alg, sampling, max_prompt_length=MAX_PROMPT, run_seed=3,
                                      barrier=barrier)
             try:
                 return await runner.run(RECORDS, step=0)
@@ -84,13 +88,14 @@ def test_two_stage_counts_provenance_rewards(sidecar, tiny_model_dir, reward):
         src = batch.samples[s.draft_source]
         assert src.stage == "draft" and src.prompt_index == s.prompt_index
         # The refinement prompt is longer than the plain prompt: it carries the draft.
-        assert len(s.prompt_ids) > len(drafts[2 * s.prompt_index].prompt_ids)
+        assert len(drafts[2 * s.prompt_index].prompt_ids) < len(s.prompt_ids) <= MAX_PROMPT
     for s in batch.samples:
         assert s.policy_version == 0 and s.reward in (0.0, 1.0, 2.0)  # accuracy + format, weight 1 each
         assert len(s.rollout_logprobs) == len(s.completion_ids) >= 1
     assert batch.metrics["draft/response_length"] > 0
     for key in ("draft_reward_mean", "best_draft_reward_mean", "refinement_reward_mean", "beats_draft_rate"):
         assert key in batch.metrics
+    assert batch.metrics["draft_dropped_rate"] == 0.0
     assert batch.generated_tokens == sum(len(s.completion_ids) for s in batch.samples)
     # A fixed order whatever order requests finished in: prompt by prompt, drafts before refinements.
     assert [(s.prompt_index, s.stage) for s in batch.samples] == [
@@ -176,3 +181,72 @@ def test_a_failing_prompt_cancels_the_others(tiny_model_dir, enabled, barrier):
 
     asyncio.run(go())
     assert engine.cancelled == 7
+
+
+class _InstantEngine:
+    policy_version = 0
+
+    async def generate(self, prompts, sampling=None, seeds=None):
+        await asyncio.sleep(0)
+        comp = Completion([1, 2], [0.0, 0.0], "<think>x</think><answer>1</answer>", "stop", None, 0)
+        return [CompletionGroup(list(prompts[0]), [comp] * sampling.n, 0)]
+
+
+class _SlowGoldReward:
+    """reward = the gold answer as a number, so every sample shows which prompt's items it was scored with."""
+
+    def __init__(self):
+        self.calls: list[int] = []
+
+    def score(self, items):
+        time.sleep(0.05)  # long enough for the other prompts' requests to queue up meanwhile
+        self.calls.append(len(items))
+        return RewardResult([float(i.gold) for i in items], [ItemInfo() for _ in items])
+
+    def close(self):
+        pass
+
+
+@pytest.mark.parametrize("enabled", [False, True], ids=["grpo", "igrpo"])
+def test_scoring_is_batched_across_prompts(tiny_model_dir, enabled):
+    from transformers import AutoTokenizer
+
+    fmt = PromptFormatter(AutoTokenizer.from_pretrained(str(tiny_model_dir)), DataConfig())
+    reward = _SlowGoldReward()
+    runner = TwoStageRollout(_InstantEngine(), fmt, reward, algorithm(enabled), SamplingParams(max_tokens=4),
+                             max_prompt_length=400, run_seed=3)
+    try:
+        batch = asyncio.run(runner.run(RECORDS, step=0))
+    finally:
+        runner.close()
+    per_stage = 8 * (4 if not enabled else 2)  # GRPO: 4 per prompt; iGRPO: 2 drafts, then 2 refinements
+    assert sum(reward.calls) == len(batch.samples) == per_stage * (1 if not enabled else 2)
+    # All 8 prompts are ready at once: the first prompt's items go alone, the 7 others wait and go together.
+    assert len(reward.calls) <= (2 if not enabled else 4) and max(reward.calls) >= 7 * per_stage // 8
+    assert all(s.reward == float(RECORDS[s.prompt_index].answer) for s in batch.samples)
+
+
+@pytest.mark.parametrize("max_prompt", [200, MAX_PROMPT])
+def test_refinement_prompts_respect_the_budget(tiny_model_dir, max_prompt):
+    """q' never exceeds max_prompt_length with its chat template; with no room for any of the draft,
+    the refinements fall back to the plain prompt (the server would reject a longer one)."""
+    from transformers import AutoTokenizer
+
+    fmt = PromptFormatter(AutoTokenizer.from_pretrained(str(tiny_model_dir)), DataConfig())
+    alg = algorithm()
+    alg.igrpo.prompt.max_draft_tokens = None  # only the prompt budget limits the draft
+    runner = TwoStageRollout(_InstantEngine(), fmt, _SlowGoldReward(), alg, SamplingParams(max_tokens=4),
+                             max_prompt_length=max_prompt, run_seed=3)
+    try:
+        batch = asyncio.run(runner.run(RECORDS, step=0))
+    finally:
+        runner.close()
+    refines = [s for s in batch.samples if s.stage == "refine"]
+    assert len(refines) == 16 and all(len(s.prompt_ids) <= max_prompt for s in refines)
+    plain = {p: fmt.encode_problem(r.problem) for p, r in enumerate(RECORDS)}
+    if max_prompt == 200:  # the template alone is longer than that
+        assert all(s.prompt_ids == plain[s.prompt_index] and s.draft_source is None for s in refines)
+        assert batch.metrics["draft_dropped_rate"] == 1.0
+    else:
+        assert all(len(s.prompt_ids) > len(plain[s.prompt_index]) and s.draft_source is not None for s in refines)
+        assert batch.metrics["draft_dropped_rate"] == 0.0

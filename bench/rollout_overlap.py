@@ -1,0 +1,339 @@
+"""Rollout wall time of iGRPO against GRPO at a matched sampling budget, on the real vLLM sidecar.
+
+    .venv/bin/python bench/rollout_overlap.py                      # ~3 min on 2 cores (+~2 min to build the model once)
+    .venv/bin/python bench/rollout_overlap.py --max-num-seqs 256   # unsaturated engine: every sequence at once
+    .venv/bin/python bench/rollout_overlap.py --model /path/to/hf_dir --prompts 64 --repeats 6
+
+Three modes over the same prompts, each one rollout step through ``TwoStageRollout`` (sampling,
+scoring with the real math+format reward, draft selection, refinement prompts):
+
+- ``grpo``:            G = 8 completions per prompt;
+- ``igrpo_barrier``:   N = 4 drafts for every prompt, then G = 4 refinements for every prompt;
+- ``igrpo_pipelined``: per prompt, its 4 refinements are requested as soon as its own drafts are scored.
+
+iGRPO decodes two stages one after the other, so each prompt's critical path is two generations
+long. Where a step has more sequences than the engine decodes at once (``--max-num-seqs`` below
+prompts x 8: the training regime, where a step's rollouts exceed one engine batch), the engine is
+busy either way and the stages cost what their tokens cost, except for the drain at the end of a
+stage (the barrier's bubble), which pipelining fills with other prompts' refinements. Where every
+sequence decodes at once, the second stage adds its own decoding time; pipelining then only
+overlaps the stages of prompts whose drafts finish at different times.
+
+Fairness. Completion lengths differ between modes (different seeds; refinements are conditioned
+on drafts), so the table gives generated tokens and the wall time per generated token: the ratio
+of the latter is the comparison at matched generated tokens. A random-init model almost never
+emits EOS (every completion would be ``--max-tokens`` long, with no length variation for a barrier
+to wait on), so the built model gets ``--sft-steps`` of supervised training on worked solutions of
+2- to 8-step arithmetic problems (and on draft-conditioned prompts): it stops on its own after
+27-128 tokens, and the math reward sees well-formed answers. It is built once under ``--workdir``
+and reused. Modes alternate step by step in rotating order, so drift in machine load hits all of
+them alike; figures are sums over the timed steps, plus the median and range of per-step ratios.
+The engine's step count (from its ``/metrics``) does not depend on machine load and shows the
+barrier's bubble as extra, emptier steps. On a CPU-only machine the client (scoring, prompt
+building, HTTP) shares the cores with the engine, which a GPU node does not: on 2 busy cores the
+figures are noisy (see the per-step range and the printed load average).
+Prints a table and one JSON line with every figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from igrpo_megatron.algorithms.refinement_prompt import fill_template  # noqa: E402
+from igrpo_megatron.config.algorithm import AlgorithmConfig, RefinementPromptConfig  # noqa: E402
+from igrpo_megatron.config.reward import RewardConfig  # noqa: E402
+from igrpo_megatron.config.rollout import RolloutServerConfig  # noqa: E402
+from igrpo_megatron.config.training import DataConfig  # noqa: E402
+from igrpo_megatron.data.datasets import PromptRecord  # noqa: E402
+from igrpo_megatron.data.prompts import PromptFormatter  # noqa: E402
+from igrpo_megatron.data.synthetic import ArithmeticTask  # noqa: E402
+from igrpo_megatron.data.tokenizer import build_tokenizer  # noqa: E402
+from igrpo_megatron.rewards.registry import build_reward  # noqa: E402
+from igrpo_megatron.rollout.client import RolloutClient  # noqa: E402
+from igrpo_megatron.rollout.interfaces import SamplingParams, SidecarStartError  # noqa: E402
+from igrpo_megatron.rollout.server import RolloutServer  # noqa: E402
+from igrpo_megatron.rollout.two_stage import RolloutBatch, TwoStageRollout  # noqa: E402
+
+MODES = ("grpo", "igrpo_barrier", "igrpo_pipelined")
+# 2 to 8 operations: worked solutions of 27 to 128 tokens, so a fine-tuned model's completions vary
+# in length (the variation that a stage barrier waits on and pipelining can fill).
+TASK = ArithmeticTask(min_steps=2, max_steps=8)
+MAX_PROMPT_TOKENS = 256  # refinement prompts: plain prompt + wrapper + draft (cut to max_draft_tokens)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", help="HF checkpoint directory to serve (untied embeddings, head size 64/128). "
+                                   "Default: build a tiny Qwen2 under --workdir.")
+    p.add_argument("--prompts", type=int, default=32, help="Prompts per rollout step.")
+    p.add_argument("--max-tokens", type=int, default=128, help="Most completion tokens per sample.")
+    p.add_argument("--repeats", type=int, default=4, help="Timed steps per mode (after --warmup).")
+    p.add_argument("--warmup", type=int, default=1, help="Untimed steps per mode first.")
+    p.add_argument("--max-num-seqs", type=int, default=32,
+                   help="Sequences the engine decodes at once. Below prompts x 8, the step saturates the "
+                        "engine (the training regime); at or above it the engine has idle slots.")
+    p.add_argument("--max-num-batched-tokens", type=int, default=4096,
+                   help="Tokens (prefill + decode) one engine step may hold. On CPU chunked prefill is off "
+                        "(DESIGN.md section 4), so this also bounds how many prompts one step prefills; "
+                        "the CPU default (max model length) would admit only ~2 refinement prompts per step.")
+    p.add_argument("--temperature", type=float, default=0.7, help="Sampling temperature (paper: 0.7).")
+    p.add_argument("--sft-steps", type=int, default=100,
+                   help="Supervised steps for the built model, so it emits EOS at varied lengths. 0: random init.")
+    p.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "igrpo-bench-rollout-overlap"),
+                   help="Where the built model (kept and reused by later runs) and the server log go.")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------------- the model
+def build_model(out: Path, sft_steps: int, seed: int) -> Path:
+    """A tiny Qwen2 (2 layers, hidden 128, 2 heads, 1 KV head, untied) with a tokenizer trained on the
+    arithmetic task's worked solutions and the prompt templates (so prompts are short), optionally
+    fine-tuned for ``sft_steps`` steps on plain and draft-conditioned prompts."""
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    train = TASK.generate(2000, "train", seed=seed)
+    templates = [DataConfig().prompt_template, RefinementPromptConfig().template] * 50
+    build_tokenizer([_chat(p.problem, p.solution) for p in train] + templates, out, vocab_size=512)
+    tok = AutoTokenizer.from_pretrained(str(out))
+    cfg = Qwen2Config(vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=1024,
+                      rms_norm_eps=1e-6, tie_word_embeddings=False, use_sliding_window=False,
+                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=None)
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(cfg).to(torch.float32)
+    if sft_steps > 0:
+        fmt, rng = PromptFormatter(tok, DataConfig()), random.Random(seed)
+        template = RefinementPromptConfig().template
+        pairs = []
+        for p in train:
+            # Half the prompts carry an earlier attempt (another problem's solution: a wrong draft), as
+            # Stage-2 prompts do; the target is always the problem's own solution.
+            draft = rng.choice(train).solution.split("</think>")[-1]
+            prompt = (fmt.encode_message(fill_template(template, fmt.message(p.problem), draft)) if rng.random() < 0.5
+                      else fmt.encode_problem(p.problem))
+            pairs.append((prompt, fmt.encode_text(p.solution) + [tok.eos_token_id]))
+        _supervised(model, pairs, sft_steps, seed)
+    model.eval().save_pretrained(str(out), safe_serialization=True)
+    return out
+
+
+def _chat(problem: str, solution: str) -> str:
+    return f"<|im_start|>user\n{problem}<|im_end|>\n<|im_start|>assistant\n{solution}<|im_end|>\n"
+
+
+def _supervised(model, pairs: list[tuple[list[int], list[int]]], steps: int, seed: int, batch: int = 16) -> None:
+    """Plain next-token NLL on the solution tokens (prompt tokens masked out), AdamW, fixed lr."""
+    rng = random.Random(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    model.train()
+    t0 = time.perf_counter()
+    for step in range(1, steps + 1):
+        chosen = rng.sample(pairs, batch)
+        width = max(len(p) + len(c) for p, c in chosen)
+        ids = torch.zeros(batch, width, dtype=torch.long)
+        labels = torch.full((batch, width), -100, dtype=torch.long)  # -100: ignored by the HF loss
+        for row, (prompt, completion) in enumerate(chosen):
+            seq = prompt + completion
+            ids[row, :len(seq)] = torch.tensor(seq)
+            labels[row, len(prompt):len(seq)] = torch.tensor(completion)
+        loss = model(input_ids=ids, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % 50 == 0 or step == steps:
+            print(f"  sft step {step}/{steps}: nll {loss.item():.3f} ({time.perf_counter() - t0:.0f} s)", flush=True)
+
+
+# ---------------------------------------------------------------------------------- the modes
+def algorithm(mode: str) -> AlgorithmConfig:
+    """Matched budget: GRPO with 8 per prompt against iGRPO with N = G = 4 (the paper's setting)."""
+    alg = AlgorithmConfig(group_size=8)
+    alg.igrpo.enabled = mode != "grpo"
+    alg.igrpo.num_drafts = alg.igrpo.num_refinements = 4
+    alg.igrpo.grpo_equivalent_budget = 8
+    return alg
+
+
+async def run_step(client: RolloutClient, fmt: PromptFormatter, reward, mode: str, records: list[PromptRecord],
+                   sampling: SamplingParams, step: int) -> tuple[float, RolloutBatch]:
+    runner = TwoStageRollout(client, fmt, reward, algorithm(mode), sampling, max_prompt_length=MAX_PROMPT_TOKENS,
+                             run_seed=0, barrier=mode == "igrpo_barrier")
+    try:
+        t0 = time.perf_counter()
+        batch = await runner.run(records, step=step)
+        return time.perf_counter() - t0, batch
+    finally:
+        runner.close()
+
+
+ENGINE_COUNTERS = {"vllm:iteration_tokens_total_count": "engine_steps",
+                   "vllm:prompt_tokens_total": "prefill_tokens",
+                   "vllm:prompt_tokens_cached_total": "cached_prompt_tokens",
+                   "vllm:generation_tokens_total": "decode_tokens"}
+
+
+def engine_counters(url: str) -> dict[str, float]:
+    """The server's cumulative step and token counters (Prometheus ``/metrics``).
+
+    Engine steps do not depend on how loaded the machine is: their count shows a stage barrier's
+    bubble (steps run with idle slots) even where wall times are noisy.
+    """
+    import urllib.request
+
+    with urllib.request.urlopen(f"{url}/metrics", timeout=30) as resp:
+        text = resp.read().decode()
+    out = dict.fromkeys(ENGINE_COUNTERS.values(), 0.0)
+    for line in text.splitlines():
+        name = line.split("{", 1)[0].split(" ", 1)[0]
+        if name in ENGINE_COUNTERS:
+            out[ENGINE_COUNTERS[name]] += float(line.rsplit(" ", 1)[1])
+    return out
+
+
+async def measure(url: str, fmt: PromptFormatter, reward, records: list[PromptRecord], sampling: SamplingParams,
+                  warmup: int, repeats: int) -> dict[str, list[dict]]:
+    """Warm-up steps, then ``repeats`` timed steps per mode; one record per timed step.
+
+    Modes alternate step by step, and their order rotates, so that load from other processes on a
+    shared machine falls on every mode alike rather than always on the same one.
+    """
+    runs: dict[str, list[dict]] = {m: [] for m in MODES}
+    async with RolloutClient(url, max_concurrency=256) as client:
+        for step in range(warmup + repeats):
+            for mode in MODES[step % 3:] + MODES[:step % 3]:
+                before = await asyncio.to_thread(engine_counters, url)
+                wall, batch = await run_step(client, fmt, reward, mode, records, sampling, step)
+                after = await asyncio.to_thread(engine_counters, url)
+                lengths = [len(s.completion_ids) for s in batch.samples]
+                record = dict(wall_s=wall, tokens=batch.generated_tokens, samples=len(lengths),
+                              prompt_tokens=sum(len(s.prompt_ids) for s in batch.samples),
+                              stopped=sum(s.finish_reason == "stop" for s in batch.samples) / len(lengths),
+                              length_max=max(lengths), reward=statistics.fmean(s.reward for s in batch.samples),
+                              **{k: after[k] - before[k] for k in after})
+                timed = step >= warmup
+                print(f"  {'step' if timed else 'warm-up'} {step} {mode:16s} {wall:6.2f} s  {record['tokens']:6d} "
+                      f"tokens  {record['engine_steps']:5.0f} engine steps  EOS {record['stopped']:.0%}", flush=True)
+                if timed:
+                    runs[mode].append(record)
+    return runs
+
+
+# ----------------------------------------------------------------------------------- reporting
+def summarise(runs: dict[str, list[dict]]) -> dict[str, dict]:
+    """Sums over the timed steps, and ratios to GRPO: of the sums, and the median of per-step ratios."""
+    out = {}
+    for mode, rs in runs.items():
+        total = {k: sum(r[k] for r in rs) for k in ("wall_s", "tokens", "samples", "prompt_tokens", "engine_steps",
+                                                      "prefill_tokens", "cached_prompt_tokens", "decode_tokens")}
+        out[mode] = dict(total, tokens_per_s=total["tokens"] / total["wall_s"],
+                         tokens_per_engine_step=total["decode_tokens"] / max(total["engine_steps"], 1),
+                         stopped=statistics.fmean(r["stopped"] for r in rs),
+                         reward=statistics.fmean(r["reward"] for r in rs),
+                         wall_per_step_s=[round(r["wall_s"], 3) for r in rs])
+    g = out["grpo"]
+    for mode, s in out.items():
+        s["wall_ratio"] = s["wall_s"] / g["wall_s"]
+        s["per_token_ratio"] = (s["wall_s"] / s["tokens"]) / (g["wall_s"] / g["tokens"])
+        s["engine_steps_ratio"] = s["engine_steps"] / g["engine_steps"]
+        paired = [(r["wall_s"] / r["tokens"]) / (q["wall_s"] / q["tokens"])
+                  for r, q in zip(runs[mode], runs["grpo"], strict=True)]
+        s["per_token_ratio_median"] = statistics.median(paired)
+        s["per_token_ratio_range"] = [round(min(paired), 3), round(max(paired), 3)]
+    return out
+
+
+def print_table(summary: dict[str, dict], args: argparse.Namespace) -> None:
+    sequences = args.prompts * 8
+    regime = ("saturated: a step has more sequences than engine slots" if sequences > args.max_num_seqs
+              else "unsaturated: every sequence of a step decodes at once")
+    print(f"\n{args.prompts} prompts x 8 samples = {sequences} sequences per step, max_num_seqs {args.max_num_seqs} "
+          f"({regime});\nmax_num_batched_tokens {args.max_num_batched_tokens}, max_tokens {args.max_tokens}, temperature {args.temperature}; "
+          f"{args.repeats} timed step(s) per mode, summed")
+    head = (f"{'mode':16s} {'wall s':>7s} {'gen tok':>7s} {'tok/s':>7s} {'EOS':>4s} {'eng steps':>9s} "
+            f"{'tok/step':>8s} {'wall/GRPO':>9s} {'per-tok/GRPO':>12s} {'median (range)':>21s} {'steps/GRPO':>10s}")
+    print(head)
+    print("-" * len(head))
+    for mode, s in summary.items():
+        lo, hi = s["per_token_ratio_range"]
+        spread = f"{s['per_token_ratio_median']:.3f}x ({lo:.2f}-{hi:.2f})"
+        print(f"{mode:16s} {s['wall_s']:7.2f} {s['tokens']:7d} {s['tokens_per_s']:7.1f} {s['stopped']:4.0%} "
+              f"{s['engine_steps']:9.0f} {s['tokens_per_engine_step']:8.1f} {s['wall_ratio']:8.3f}x "
+              f"{s['per_token_ratio']:11.3f}x {spread:>21s} {s['engine_steps_ratio']:9.3f}x")
+
+
+def start_server(cfg: RolloutServerConfig, model_dir: Path, work: Path, attempts: int = 3) -> RolloutServer:
+    """Start the sidecar on a free port; retried, because another process may take the port between
+    the moment it is picked and vLLM binding it (seen on shared machines)."""
+    for attempt in range(1, attempts + 1):
+        server = RolloutServer(cfg, model_path=model_dir, log_dir=work)
+        try:
+            server.start()
+        except SidecarStartError:
+            if attempt == attempts or "Address already in use" not in server.log_tail():
+                raise
+            print(f"port {server.port} was taken meanwhile; starting again", flush=True)
+            continue
+        print(f"vLLM sidecar ready at {server.url}", flush=True)
+        return server
+    raise AssertionError("unreachable")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    from transformers import AutoTokenizer
+
+    work = Path(args.workdir)
+    model_dir = Path(args.model) if args.model else work / f"tiny-qwen2-arith8-sft{args.sft_steps}-seed{args.seed}"
+    if not args.model and not model_dir.exists():
+        print(f"building {model_dir} ({args.sft_steps} supervised steps; reused by later runs) ...", flush=True)
+        work.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=work) as tmp:  # renamed when complete: never half a model
+            build_model(Path(tmp) / "model", args.sft_steps, args.seed).rename(model_dir)
+    fmt = PromptFormatter(AutoTokenizer.from_pretrained(str(model_dir)), DataConfig())
+    problems = TASK.generate(args.prompts, "heldout", seed=args.seed)
+    records = [PromptRecord(p.problem, p.answer) for p in problems]
+    sampling = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens)
+    cfg = RolloutServerConfig(port=0, dtype="float32", kv_cache_space_gib=1, enforce_eager=True,
+                              max_model_len=MAX_PROMPT_TOKENS + args.max_tokens, max_num_seqs=args.max_num_seqs,
+                              seed=args.seed, start_timeout_s=300.0,
+                              extra_args=["--no-enable-chunked-prefill",  # seeded requests: see server.py
+                                          "--max-num-batched-tokens", str(args.max_num_batched_tokens)])
+    reward_cfg = RewardConfig()
+    reward_cfg.math.num_workers = 1  # the engine needs the cores
+    reward = build_reward(reward_cfg)
+    try:
+        server = start_server(cfg, model_dir, work)
+        try:
+            runs = asyncio.run(measure(server.url, fmt, reward, records, sampling, args.warmup, args.repeats))
+        finally:
+            server.close()
+    finally:
+        reward.close()
+    summary = summarise(runs)
+    load = os.getloadavg()[1]  # 5-minute load average: on a shared machine, other processes' share of the cores
+    print_table(summary, args)
+    print(f"load average over the last 5 minutes: {load:.1f} on {os.cpu_count()} cores")
+    print(json.dumps({"bench": "rollout_overlap", "config": {k: v for k, v in vars(args).items() if k != "workdir"},
+                      "load_avg_5min": load, "cpus": os.cpu_count(), "modes": summary}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
