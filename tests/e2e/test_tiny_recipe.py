@@ -25,7 +25,7 @@ from tests.helpers.distributed import run_on_ranks
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.vllm, pytest.mark.multiprocess, pytest.mark.timeout(1500)]
 
-COMMON = ["trainer.num_steps=4", "trainer.prompts_per_step=4", "trainer.warmstart.steps=30",
+COMMON = ["trainer.num_steps=4", "trainer.prompts_per_step=8", "trainer.warmstart.steps=150",
           "trainer.eval_every=2", "evaluation.hook.num_problems=8", "trainer.save_every=0",
           "rollout.sampling.max_tokens=16", "rollout.server.max_num_seqs=1", "rollout.server.port=0",
           "checkpoint.keep_last=0"]
@@ -67,10 +67,12 @@ def test_distributed_run_trains_and_syncs_every_step(runs):
     steps = _steps(stopped)
     assert [h["step"] for h in steps] == [1, 2]
     for h in steps:
-        assert math.isfinite(h["loss"]) and math.isfinite(h["grad_norm"]) and h["grad_norm"] > 0
+        assert math.isfinite(h["loss"]) and math.isfinite(h["grad_norm"])
         assert h["sidecar_weight_version"] == h["step"]  # what the sidecar reports holding
         assert h["generated_tokens"] > 0 and h["trained_sequences"] > 0
         assert h["logprob_mismatch"] < 1e-3  # trainer (TP=2) and vLLM score the samples alike
+    # A step whose groups all have equal rewards has no gradient; over the run some group must differ.
+    assert any(h["grad_norm"] > 0 for h in steps)
 
 
 def test_checkpoints_and_run_files(runs):
