@@ -27,7 +27,7 @@ pytestmark = [pytest.mark.vllm, pytest.mark.multiprocess, pytest.mark.timeout(15
 
 COMMON = ["trainer.num_steps=4", "trainer.prompts_per_step=8", "trainer.warmstart.steps=150",
           "trainer.eval_every=2", "evaluation.hook.num_problems=8", "trainer.save_every=0",
-          "rollout.sampling.max_tokens=16", "rollout.server.max_num_seqs=1", "rollout.server.port=0",
+          "rollout.sampling.max_tokens=40", "rollout.server.max_num_seqs=1", "rollout.server.port=0",
           "checkpoint.keep_last=0"]
 
 
