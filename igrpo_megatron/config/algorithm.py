@@ -8,11 +8,9 @@ This module only declares and validates settings; it imports nothing heavier tha
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
-from typing import Any
 
-from igrpo_megatron.config.fields import param
+from igrpo_megatron.config.fields import choice_errors, param
 
 AGGREGATIONS = ("seq_mean_token_mean", "token_mean", "seq_mean_token_sum_norm")
 RATIO_LEVELS = ("token", "sequence")
@@ -192,7 +190,7 @@ class IGRPOConfig:
 
     def errors(self, prefix: str = "algorithm.igrpo") -> list[str]:
         """Every rule this section breaks, one message each (empty when valid)."""
-        errs = _choice_errors(self, prefix)
+        errs = choice_errors(self, prefix, recursive=False)
         for key in ("num_drafts", "num_refinements", "num_rounds", "grpo_equivalent_budget"):
             if getattr(self, key) < 1:
                 errs.append(f"{prefix}.{key} = {getattr(self, key)}: must be >= 1.")
@@ -209,8 +207,8 @@ class IGRPOConfig:
             if template.count(name) != 1:
                 errs.append(f"{prefix}.prompt.template must contain {name} exactly once "
                             f"(found {template.count(name)}).")
-        errs += _choice_errors(self.selection, f"{prefix}.selection")
-        errs += _choice_errors(self.prompt, f"{prefix}.prompt")
+        errs += choice_errors(self.selection, f"{prefix}.selection", recursive=False)
+        errs += choice_errors(self.prompt, f"{prefix}.prompt", recursive=False)
         if self.prompt.max_draft_tokens is not None and self.prompt.max_draft_tokens < 0:
             errs.append(f"{prefix}.prompt.max_draft_tokens must be >= 0 or null.")
         return errs
@@ -253,7 +251,7 @@ class AlgorithmConfig:
 
 
 def _loss_errors(cfg: PolicyLossConfig, prefix: str) -> list[str]:
-    errs = _choice_errors(cfg, prefix) + _choice_errors(cfg.kl, f"{prefix}.kl")
+    errs = choice_errors(cfg, prefix, recursive=False) + choice_errors(cfg.kl, f"{prefix}.kl", recursive=False)
     for key in ("clip_low", "clip_high"):
         if getattr(cfg, key) < 0:
             errs.append(f"{prefix}.{key} must be >= 0 (it is an epsilon around ratio 1).")
@@ -270,16 +268,6 @@ def _loss_errors(cfg: PolicyLossConfig, prefix: str) -> list[str]:
         errs.append(f"{prefix}.truncated_is.cap must be > 0.")
     return errs
 
-
-def _choice_errors(section: Any, prefix: str) -> list[str]:
-    """Messages for fields of ``section`` whose value is not among the field's declared choices."""
-    errs = []
-    for f in dataclasses.fields(section):
-        choices = f.metadata.get("choices")
-        value = getattr(section, f.name)
-        if choices is not None and value not in choices:
-            errs.append(f"{prefix}.{f.name} = {value!r}: must be one of {list(choices)}.")
-    return errs
 
 
 def _raise(errors: list[str]) -> None:

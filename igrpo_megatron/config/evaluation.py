@@ -8,11 +8,10 @@ trains at 0.7. ``errors()`` returns every problem at once so the loader can repo
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from igrpo_megatron.config.fields import param
+from igrpo_megatron.config.fields import choice_errors, param
 
 BUILTIN_BENCHMARK_NAMES = ("aime24", "aime25", "math500", "amc23")
 HELDOUT_BENCHMARK = "heldout"
@@ -146,7 +145,7 @@ class EvaluationConfig:
 
     def errors(self, prefix: str = "evaluation") -> list[str]:
         """Every rule this section breaks, each naming the key and the fix (empty when valid)."""
-        errs = _choice_errors(self, prefix)
+        errs = choice_errors(self, prefix)
         if not self.benchmarks:
             errs.append(f"{prefix}.benchmarks is empty: name at least one benchmark (e.g. [aime24]).")
         for key, value in (("default_samples_per_problem", self.default_samples_per_problem),
@@ -215,14 +214,3 @@ def _sampling_errors(s: EvalSamplingConfig, prefix: str) -> list[str]:
         errs.append(f"{prefix}.max_tokens = {s.max_tokens}: must be >= 1, or null for rollout.sampling.max_tokens.")
     return errs
 
-
-def _choice_errors(section: Any, prefix: str) -> list[str]:
-    """Messages for fields (nested sections included) whose value is not among the declared choices."""
-    errs = []
-    for f in dataclasses.fields(section):
-        value = getattr(section, f.name)
-        if dataclasses.is_dataclass(value):
-            errs += _choice_errors(value, f"{prefix}.{f.name}")
-        elif "choices" in f.metadata and value not in f.metadata["choices"]:
-            errs.append(f"{prefix}.{f.name} = {value!r}: must be one of {list(f.metadata['choices'])}.")
-    return errs

@@ -31,3 +31,16 @@ def field_help(cls: type, name: str) -> str:
         if f.name == name:
             return f.metadata.get("help", "")
     return ""
+
+
+def choice_errors(section: Any, prefix: str, *, recursive: bool = True) -> list[str]:
+    """One message per field of ``section`` (and, if ``recursive``, of its nested sections) whose
+    value is not among the field's declared ``choices``."""
+    errs: list[str] = []
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        if recursive and dataclasses.is_dataclass(value):
+            errs += choice_errors(value, f"{prefix}.{f.name}")
+        elif "choices" in f.metadata and value not in f.metadata["choices"]:
+            errs.append(f"{prefix}.{f.name} = {value!r}: must be one of {list(f.metadata['choices'])}.")
+    return errs

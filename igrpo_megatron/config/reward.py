@@ -10,10 +10,10 @@ at once so that the loader can report them together.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, fields, is_dataclass
+from dataclasses import dataclass
 from typing import Any
 
-from igrpo_megatron.config.fields import param
+from igrpo_megatron.config.fields import choice_errors, param
 
 ANSWER_SOURCES = ("auto", "answer_tag", "boxed", "regex")
 START_METHODS = ("forkserver", "spawn")
@@ -166,10 +166,14 @@ class RewardConfig:
     judge: JudgeConfig = param(default_factory=JudgeConfig,
                                help="The 'judge' component: generative judge over HTTP.")
 
+    def errors(self, prefix: str = "reward") -> list[str]:
+        """Every rule this section breaks (the recipe loader reports them with the rest)."""
+        return self.validate()
+
     def validate(self) -> list[str]:
         """Every rule this section breaks, each naming the key and the fix (empty when valid)."""
         errors: list[str] = []
-        _check_choices(self, "reward", errors)
+        errors.extend(choice_errors(self, "reward"))
         for key, weights in (("reward.weights", self.weights), ("reward.draft_weights", self.draft_weights)):
             if weights is None:
                 continue
@@ -223,12 +227,3 @@ class RewardConfig:
                           "think_close (e.g. '</think>') or set require_think_close: false.")
         return errors
 
-
-def _check_choices(section: object, prefix: str, errors: list[str]) -> None:
-    """Append an error for every field whose value is not among its declared ``choices``."""
-    for f in fields(section):
-        value = getattr(section, f.name)
-        if is_dataclass(value):
-            _check_choices(value, f"{prefix}.{f.name}", errors)
-        elif "choices" in f.metadata and value not in f.metadata["choices"]:
-            errors.append(f"{prefix}.{f.name} = {value!r}: must be one of {list(f.metadata['choices'])}.")

@@ -8,9 +8,9 @@ at once so that the loader can report them together.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, is_dataclass
+from dataclasses import dataclass
 
-from igrpo_megatron.config.fields import param
+from igrpo_megatron.config.fields import choice_errors, param
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 LOGPROBS_MODES = ("raw_logprobs", "processed_logprobs")
@@ -133,7 +133,7 @@ class RolloutConfig:
     def errors(self, prefix: str = "rollout") -> list[str]:
         """Every rule this section breaks, each naming the key and the fix (empty when valid)."""
         errors: list[str] = []
-        _check_choices(self, "rollout", errors)
+        errors.extend(choice_errors(self, "rollout"))
         s, p, r, w = self.server, self.sampling, self.retry, self.weight_sync
         positive = {
             "rollout.server.tensor_parallel_size": s.tensor_parallel_size,
@@ -169,12 +169,3 @@ class RolloutConfig:
                           f"before rollout.sampling.max_tokens = {p.max_tokens}; raise max_model_len.")
         return errors
 
-
-def _check_choices(section: object, prefix: str, errors: list[str]) -> None:
-    """Append an error for every field whose value is not among its declared ``choices``."""
-    for f in fields(section):
-        value = getattr(section, f.name)
-        if is_dataclass(value):
-            _check_choices(value, f"{prefix}.{f.name}", errors)
-        elif "choices" in f.metadata and value not in f.metadata["choices"]:
-            errors.append(f"{prefix}.{f.name} = {value!r}: must be one of {list(f.metadata['choices'])}.")
