@@ -209,6 +209,8 @@ def main() -> None:
     goal = 0.85 * cores
     print(f"speed-up: {speedup:.2f}x on {cores} workers (median of rounds {ratios[len(ratios) // 2]:.2f}x; "
           f"goal >= {goal:.2f}x: {'met' if speedup >= goal else 'MISSED'})")
+    print(f"per round, seconds (1 worker / {cores} workers): "
+          + "  ".join(f"{x:.1f}/{y:.1f}" for x, y in zip(one["round_s"], many["round_s"], strict=True)))
     print(f"control (pure-Python loop, same rounds): {res['control']:.2f}x on {cores} processes; "
           f"pool efficiency relative to it: {speedup / res['control']:.2f}")
     print(f"parent CPU: {res['parent_cpu']:.2f} s for {2 * len(items)} items scored")

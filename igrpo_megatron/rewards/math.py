@@ -33,7 +33,11 @@ class MathReward:
     def score(self, items: Sequence[RewardItem]) -> RewardResult:
         answers = [extract_answer(item.completion, self.extraction) for item in items]
         todo = [i for i, a in enumerate(answers) if a is not None]
-        outcomes = self.pool.verify([(items[i].gold, to_latex_input(answers[i])) for i in todo])
+        # Completions of one group often give the same answer: verify each distinct pair once.
+        pairs = [(items[i].gold, to_latex_input(answers[i])) for i in todo]
+        distinct = list(dict.fromkeys(pairs))
+        verdicts = dict(zip(distinct, self.pool.verify(distinct), strict=True))
+        outcomes = [verdicts[pair] for pair in pairs]
         info = [ItemInfo(no_answer=a is None, answer=a) for a in answers]
         bad_golds = set()
         for i, outcome in zip(todo, outcomes, strict=True):

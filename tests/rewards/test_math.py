@@ -106,6 +106,15 @@ def test_missing_truncated_and_multiple_answers(math_reward):
     assert result.counts()["no_answer"] == 3
 
 
+def test_repeated_answers_in_a_group_are_verified_once(math_reward):
+    items_before = math_reward.pool.stats.items
+    # A group of 5 completions to one problem: 3 distinct answers ("0.5" written twice in the same way).
+    pairs = [("\\frac{1}{2}", _boxed(a)) for a in ("0.5", "0.5", "1/2", "0.25", "0.5")]
+    result = _score(math_reward, pairs)
+    assert result.rewards == [1.0, 1.0, 1.0, 0.0, 1.0]
+    assert math_reward.pool.stats.items - items_before == 3
+
+
 def test_unparseable_gold_scores_zero_and_says_why(math_reward):
     result = _score(math_reward, [("", _boxed("3"))])
     assert result.rewards == [0.0]
