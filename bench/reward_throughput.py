@@ -148,11 +148,14 @@ def run(items: list[RewardItem], cores: int, rounds: int, timeout_s: float, chun
                                                                   chunk_size=chunk_size)) for n in (1, cores)}
     out = {n: {"elapsed": 0.0, "info": [], "round_s": []} for n in rewards}
     control = {"serial": 0.0, "parallel": 0.0}
-    spinners = mp.get_context("forkserver").Pool(cores)
     parent_cpu = 0.0
+    spinners = None
     try:
         for reward in rewards.values():
             reward.score(items[: 8 * cores])  # warm-up: start workers, first sympy imports
+        # After the reward pools: the first user of the fork server decides what it preloads, and the
+        # verification pool wants it warm (see rewards/_verify_warmup.py).
+        spinners = mp.get_context("forkserver").Pool(cores)
         size = -(-len(items) // rounds)
         for r in range(rounds):
             part = items[r * size:(r + 1) * size]
@@ -168,8 +171,9 @@ def run(items: list[RewardItem], cores: int, rounds: int, timeout_s: float, chun
     finally:
         for reward in rewards.values():
             reward.close()
-        spinners.terminate()
-        spinners.join()
+        if spinners is not None:
+            spinners.terminate()
+            spinners.join()
     out["parent_cpu"] = parent_cpu
     out["control"] = control["serial"] / control["parallel"]
     out["timeouts"] = {n: reward.pool.stats.timeouts for n, reward in rewards.items()}

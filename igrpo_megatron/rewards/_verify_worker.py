@@ -96,17 +96,23 @@ class _Verifier:
             return ERROR, f"{type(e).__name__}: {e}"[:300]
 
 
-def worker_main(conn, progress, options: Sequence, from_forkserver: bool) -> None:
-    """Serve ``(chunk_id, [(gold, answer), ...])`` messages until ``None`` or the pipe closes."""
-    if from_forkserver:
-        _die_with_forkserver()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the trainer, which closes the pool
+def warm_up(options: Sequence = (6, 15, True)) -> _Verifier:
+    """A verifier that has run every WARM_UP pair once (cheap when the fork server already did)."""
     for name in ("math_verify", "latex2sympy2_extended"):
         logging.getLogger(name).setLevel(logging.ERROR)  # "timeout is disabled" warnings are expected here
     verifier = _Verifier(*options)
     for gold, answer in WARM_UP:
         verifier.check(gold, answer)
     verifier.parse_gold.cache_clear()
+    return verifier
+
+
+def worker_main(conn, progress, options: Sequence, from_forkserver: bool) -> None:
+    """Serve ``(chunk_id, [(gold, answer), ...])`` messages until ``None`` or the pipe closes."""
+    if from_forkserver:
+        _die_with_forkserver()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the trainer, which closes the pool
+    verifier = warm_up(options)
     seq = 0
     while True:
         try:

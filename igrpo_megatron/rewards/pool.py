@@ -43,6 +43,7 @@ MAX_FRUITLESS_RESTARTS = 8  # workers dying before touching any item: a broken s
 # other processes, not stuck: it gets until it has used the deadline in CPU, or this many deadlines of
 # wall time, whichever comes first. Keeps a busy machine from turning slow items into false timeouts.
 STARVED_WALL_FACTOR = 3.0
+_WARM_UP_MODULE = "igrpo_megatron.rewards._verify_warmup"
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
@@ -142,9 +143,9 @@ class VerifyPool:
         if self._workers:
             return
         if self.start_method == "forkserver":
-            # The fork server imports math-verify once; every worker (and every replacement of a killed
-            # one) is forked from it with sympy already loaded. No effect if the server already runs.
-            self._ctx.set_forkserver_preload(["__main__", W.__name__, "math_verify"])
+            # The fork server imports math-verify and runs the warm-up once; every worker (and every
+            # replacement of a killed one) is forked from it warm. No effect if the server already runs.
+            self._ctx.set_forkserver_preload(["__main__", W.__name__, "math_verify", _WARM_UP_MODULE])
         t0 = time.monotonic()
         for _ in range(self.num_workers):
             self._workers.append(self._spawn())
@@ -180,13 +181,13 @@ class VerifyPool:
         with self._lock:
             self.start()
             results: list[VerifyOutcome | None] = [None] * len(pairs)
-            queue: deque[int] = deque(range(len(pairs)))
+            queue, risky = dispatch_order(pairs)
             chunk_len = max(1, min(self.chunk_size, math.ceil(len(pairs) / (4 * self.num_workers))))
             remaining = len(pairs)
             fruitless = 0
             try:
                 while remaining:
-                    self._dispatch(queue, pairs, chunk_len)
+                    self._dispatch(queue, pairs, chunk_len, risky)
                     done, died_empty = self._collect(results, queue)
                     remaining -= done
                     fruitless = 0 if done else fruitless + died_empty
@@ -200,13 +201,14 @@ class VerifyPool:
             self.stats.items += len(pairs)
             return results  # type: ignore[return-value]  (every slot is filled when remaining == 0)
 
-    def _dispatch(self, queue: deque[int], pairs: Sequence[tuple[str, str]], chunk_len: int) -> None:
+    def _dispatch(self, queue: deque[int], pairs: Sequence[tuple[str, str]], chunk_len: int,
+                  risky: set[int]) -> None:
         """Top every worker up to MAX_CHUNKS_IN_FLIGHT chunks, the least loaded first."""
         for depth in range(MAX_CHUNKS_IN_FLIGHT):
             for w in self._workers:
                 if not queue or len(w.outstanding) > depth:
                     continue
-                indices = [queue.popleft() for _ in range(min(chunk_len, len(queue)))]
+                indices = take_chunk(queue, chunk_len, risky)
                 chunk = _Chunk(self._next_chunk_id, indices, w.next_seq)
                 payload = pickle.dumps((chunk.chunk_id, [pairs[i] for i in indices]),
                                        protocol=pickle.HIGHEST_PROTOCOL)
@@ -326,6 +328,31 @@ class VerifyPool:
         self._workers[self._workers.index(w)] = self._spawn()
         self.stats.restarts += 1
         return failed, failed > 0
+
+
+def looks_slow(answer: str) -> bool:
+    """Whether an answer has what usually makes sympy slow: a tower of powers or factorials."""
+    return answer.count("^") >= 2 or answer.count("!") >= 2
+
+
+def dispatch_order(pairs: Sequence[tuple[str, str]]) -> tuple[deque[int], set[int]]:
+    """The order to hand items out in, and which items look slow.
+
+    Likely-slow items go first (longest-processing-time-first): a hang then overlaps the rest of the
+    batch on the other workers instead of stalling the batch's tail.
+    """
+    risky = {i for i, (_, answer) in enumerate(pairs) if looks_slow(answer)}
+    return deque(sorted(range(len(pairs)), key=lambda i: i not in risky)), risky
+
+
+def take_chunk(queue: deque[int], chunk_len: int, risky: set[int]) -> list[int]:
+    """Pop the next chunk: up to ``chunk_len`` ordinary items, or one risky item alone (so that two
+    hangs land on two workers and a hang holds up no other item)."""
+    indices = [queue.popleft()]
+    if indices[0] not in risky:
+        while queue and len(indices) < chunk_len and queue[0] not in risky:
+            indices.append(queue.popleft())
+    return indices
 
 
 def _process_cpu_seconds(pid: int) -> float | None:

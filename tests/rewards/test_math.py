@@ -14,6 +14,7 @@ import sys
 import textwrap
 import threading
 import time
+from collections import deque
 
 import pytest
 
@@ -279,3 +280,20 @@ def test_deadline_counts_cpu_time_for_starved_workers(wall_s, cpu_used_s, overdu
     if wall_s > 1.0 and not overdue:
         # Looked at again once it could have used the rest of its CPU allowance (0.8 s from now).
         assert pool._next_check(w) == pytest.approx(now + 1.0 - cpu_used_s, abs=0.05)
+
+
+def test_likely_slow_items_go_first_and_alone():
+    from igrpo_megatron.rewards.pool import dispatch_order, looks_slow, take_chunk
+
+    assert looks_slow("$9^{9^{9}}$") and looks_slow("$100!!$")
+    assert not looks_slow("$x^2+1$") and not looks_slow("$5!$") and not looks_slow("$\\frac{1}{2}$")
+    pairs = [("1", "$1$"), ("3", f"${HANG}$"), ("2", "$2$"), ("4", "$4$"), ("3", "$3^{3^{3}}$"), ("5", "$5$")]
+    queue, risky = dispatch_order(pairs)
+    assert list(queue) == [1, 4, 0, 2, 3, 5] and risky == {1, 4}
+    chunks = []
+    while queue:
+        chunks.append(take_chunk(queue, 3, risky))
+    assert chunks == [[1], [4], [0, 2, 3], [5]]
+    # A risky item put back at the front (its worker was killed) still travels alone.
+    queue = deque([0, 4, 2])
+    assert take_chunk(queue, 3, risky) == [0] and take_chunk(queue, 3, risky) == [4]
