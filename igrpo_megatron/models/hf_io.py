@@ -2,7 +2,8 @@
 
 Import reads only the tensors each rank needs (lazily, through ``safe_open``) and copies its TP
 shard into place. Export streams full tensors from ``weight_export`` into size-bounded shard
-files in a temporary directory that is renamed into place when complete.
+files in a temporary directory that is renamed into place when complete. Both take the
+name/layout mapping of ``model.architecture`` (Qwen2 or Nemotron-H) from ``weight_export.hf_mapping``.
 """
 
 from __future__ import annotations
@@ -21,8 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from igrpo_megatron.config.model import ModelConfig
-from igrpo_megatron.models import hf_qwen2
-from igrpo_megatron.models.weight_export import export_hf_weights, local_params
+from igrpo_megatron.models.weight_export import export_hf_weights, hf_mapping, local_params, partition_dim
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +58,10 @@ def check_hf_config(hf_dir: Path, model_cfg: ModelConfig) -> None:
         hf = json.loads(cfg_path.read_text())
     except json.JSONDecodeError as exc:
         raise HFCheckpointError(f"{cfg_path}: not valid JSON ({exc})") from None
-    implied = hf_qwen2.model_config_from_hf(hf, model_cfg)
+    try:
+        implied = hf_mapping(model_cfg).model_config_from_hf(hf, model_cfg)
+    except ValueError as exc:
+        raise HFCheckpointError(f"{cfg_path}: {exc}") from None
     wrong = {k: (getattr(model_cfg, k), v) for k, v in implied.items() if getattr(model_cfg, k) != v}
     if wrong:
         lines = "\n".join(f"  model.{k}: recipe has {mine!r}, {cfg_path} has {theirs!r}"
@@ -67,27 +70,28 @@ def check_hf_config(hf_dir: Path, model_cfg: ModelConfig) -> None:
 
 
 def load_hf_into_megatron(chunks: list[torch.nn.Module], model_cfg: ModelConfig, hf_dir: str | os.PathLike) -> None:
-    """Copy a Hugging Face Qwen2 checkpoint into this rank's Megatron chunks (any TP/PP layout)."""
+    """Copy a Hugging Face Qwen2 / NemotronH checkpoint into this rank's Megatron chunks (any TP/PP layout)."""
     hf_dir = Path(hf_dir)
     check_hf_config(hf_dir, model_cfg)
+    mapping = hf_mapping(model_cfg)
     where = _tensor_locations(hf_dir)
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     tp_size = parallel_state.get_tensor_model_parallel_world_size()
     handles: dict[Path, object] = {}
     try:
-        for mapped, param in local_params(chunks):
-            missing = [n for n in mapped.hf_names if n not in where]
+        for mapped, param in local_params(chunks, model_cfg):
+            stored = {n: next((a for a in mapping.hf_aliases(n) if a in where), None) for n in mapped.hf_names}
+            missing = [n for n, found in stored.items() if found is None]
             if missing:
                 raise HFCheckpointError(f"{hf_dir}: tensor(s) {missing} not found (needed for {mapped.megatron_name})")
             hf = []
-            for name in mapped.hf_names:
+            for name in stored.values():
                 path = where[name]
                 if path not in handles:
                     handles[path] = safe_open(str(path), framework="pt")
                 hf.append(handles[path].get_tensor(name))
-            partition_dim = param.partition_dim if getattr(param, "tensor_model_parallel", False) else None
-            shard = hf_qwen2.shard_from_hf(mapped.kind, hf, model_cfg, tp_rank=tp_rank, tp_size=tp_size,
-                                           partition_dim=partition_dim)
+            shard = mapping.shard_from_hf(mapped.kind, hf, model_cfg, tp_rank=tp_rank, tp_size=tp_size,
+                                          partition_dim=partition_dim(param))
             if shard.shape != param.shape:
                 raise HFCheckpointError(f"{hf_dir}: {mapped.hf_names} gives shape {tuple(shard.shape)} for "
                                         f"{mapped.megatron_name}, which has {tuple(param.shape)}")
@@ -128,7 +132,7 @@ def write_safetensors_shards(pairs: Iterable[tuple[str, torch.Tensor]], out_dir:
 
 def save_hf_checkpoint(chunks: list[torch.nn.Module], model_cfg: ModelConfig, out_dir: str | os.PathLike, *,
                        tokenizer_dir: str | os.PathLike | None = None, max_shard_bytes: int = 2 << 30) -> Path:
-    """Export the model as a Hugging Face Qwen2 checkpoint. Collective: every rank calls it."""
+    """Export the model as a Hugging Face checkpoint (Qwen2 or NemotronH). Collective: every rank calls it."""
     final = Path(out_dir)
     tmp = final.with_name(final.name + ".tmp")
     is_root = not dist.is_initialized() or dist.get_rank() == 0
@@ -136,7 +140,7 @@ def save_hf_checkpoint(chunks: list[torch.nn.Module], model_cfg: ModelConfig, ou
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         write_safetensors_shards(export_hf_weights(chunks, model_cfg), tmp, max_shard_bytes)
-        (tmp / "config.json").write_text(json.dumps(hf_qwen2.hf_config(model_cfg), indent=2))
+        (tmp / "config.json").write_text(json.dumps(hf_mapping(model_cfg).hf_config(model_cfg), indent=2))
         if tokenizer_dir is not None:
             for f in Path(tokenizer_dir).iterdir():
                 if f.is_file() and (f.name.startswith("tokenizer") or f.name.endswith("_map.json")
