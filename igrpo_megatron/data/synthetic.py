@@ -46,11 +46,19 @@ class ArithmeticTask:
     max_operand: int = 9
     max_start: int = 20
     heldout_percent: int = 10
+    # Percent of worked solutions with one arithmetic slip (a line's result off by 1-3, carried on to
+    # the final answer), as in distilled or hand-written traces. Only the supervised warm-start reads
+    # solutions: it learns to slip now and then, and RL's correctness reward is what teaches it not to.
+    # The gold answers are always right.
+    slip_percent: int = 0
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_steps <= self.max_steps:
             raise ValueError(f"arithmetic task: need 1 <= min_steps <= max_steps (got {self.min_steps}, "
                              f"{self.max_steps}); fix data.synthetic_options")
+        if not 0 <= self.slip_percent <= 100:
+            raise ValueError(f"arithmetic task: slip_percent must be in [0, 100] (got {self.slip_percent}); "
+                             f"fix data.synthetic_options")
         if self.max_operand < 2 or self.max_start < 0:
             raise ValueError(f"arithmetic task: max_operand must be >= 2 and max_start >= 0 (got "
                              f"{self.max_operand}, {self.max_start}); fix data.synthetic_options")
@@ -58,18 +66,28 @@ class ArithmeticTask:
     def _make(self, rng: random.Random) -> Problem:
         start = rng.randint(0, self.max_start)
         steps = rng.randint(self.min_steps, self.max_steps)
-        words, lines = [f"Start with {start}."], []
+        words, ops = [f"Start with {start}."], []
         value = start
         for _ in range(steps):
             template, symbol, fn = rng.choice(_OPS)
             n = rng.randint(2 if symbol == "*" else 1, self.max_operand)
-            new = fn(value, n)
             words.append(template.format(n=n))
+            ops.append((symbol, n, fn))
+            value = fn(value, n)
+        problem = " ".join(words) + " What is the result?"
+        return Problem(problem=problem, answer=str(value), solution=self._solution(problem, start, ops))
+
+    def _solution(self, problem: str, start: int, ops: list) -> str:
+        """The worked solution, with a slip in ``slip_percent`` of them (seeded by the problem text, so the
+        problems themselves, and the train/held-out split, do not depend on the slip setting)."""
+        slip = random.Random(problem)
+        slip_line = slip.randrange(len(ops)) if slip.randrange(100) < self.slip_percent else -1
+        lines, value = [], start
+        for i, (symbol, n, fn) in enumerate(ops):
+            new = fn(value, n) + (slip.choice((-3, -2, -1, 1, 2, 3)) if i == slip_line else 0)
             lines.append(f"{value} {symbol} {n} = {new}")
             value = new
-        problem = " ".join(words) + " What is the result?"
-        solution = "<think>" + "\n".join(lines) + f"</think><answer>{value}</answer>"
-        return Problem(problem=problem, answer=str(value), solution=solution)
+        return "<think>" + "\n".join(lines) + f"</think><answer>{value}</answer>"
 
     def generate(self, n: int, split: str, seed: int) -> list[Problem]:
         """``n`` distinct problems of ``split`` ('train' or 'heldout'), deterministic in ``seed``."""

@@ -62,8 +62,12 @@ def write_summary(run_dir: Path, history: list[dict[str, Any]], recipe: RecipeCo
              f"- model: {recipe.model.architecture}, {recipe.model.num_layers} layers, hidden {recipe.model.hidden_size}",
              ""]
     if acc:
+        ev = recipe.evaluation
+        how = ("greedy" if ev.sampling.temperature == 0 else f"sampled at temperature {ev.sampling.temperature:g}, "
+               f"mean of {ev.hook.samples_per_problem} per problem")
         lines += ["| | step | held-out pass@1 |", "|---|---|---|",
-                  f"| before RL | {steps[0]} | {acc[0]:.3f} |", f"| after RL | {steps[-1]} | {acc[-1]:.3f} |", ""]
+                  f"| before RL | {steps[0]} | {acc[0]:.3f} |", f"| after RL | {steps[-1]} | {acc[-1]:.3f} |", "",
+                  f"- held-out pass@1: {ev.hook.num_problems or 'all'} problems, {how}"]
     if reward:
         lines.append(f"- trained reward: first step {reward[0]:.3f}, last step {reward[-1]:.3f}")
     if step_time:

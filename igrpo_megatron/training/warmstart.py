@@ -16,11 +16,13 @@ import random
 import time
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 
 from igrpo_megatron.config.schema import RecipeConfig
 from igrpo_megatron.data.prompts import PromptFormatter
 from igrpo_megatron.data.synthetic import build_task
+from igrpo_megatron.rewards.pool import available_cores
 from igrpo_megatron.training.batch import Sequence, TrainBatch
 
 logger = logging.getLogger(__name__)
@@ -65,15 +67,27 @@ def _supervised_recipe(recipe: RecipeConfig) -> RecipeConfig:
 
 def run_warmstart(recipe: RecipeConfig, run_dir: Path, tokenizer_dir: Path, fmt: PromptFormatter) -> Path:
     """Train, export to ``<run_dir>/warmstart`` and return it (collective; reused when already there)."""
-    from igrpo_megatron.models.hf_io import save_hf_checkpoint
-    from igrpo_megatron.training.policy import MegatronPolicy
-
     out = run_dir / "warmstart"
     if (out / DONE_MARK).exists():
         logger.info("warm-start found at %s; skipping it", out)
         return out
-    ws = recipe.trainer.warmstart
     sequences = _sequences(recipe, fmt)
+    threads = torch.get_num_threads()
+    if not torch.cuda.is_available():
+        # The sidecar starts after the warm-start: until then the trainer ranks have the cores to themselves.
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        torch.set_num_threads(max(threads, available_cores() // world))
+    try:
+        return _train_and_save(recipe, out, tokenizer_dir, sequences)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train_and_save(recipe: RecipeConfig, out: Path, tokenizer_dir: Path, sequences: list[Sequence]) -> Path:
+    from igrpo_megatron.models.hf_io import save_hf_checkpoint
+    from igrpo_megatron.training.policy import MegatronPolicy
+
+    ws = recipe.trainer.warmstart
     policy = MegatronPolicy(_supervised_recipe(recipe), total_optimizer_steps=ws.steps, temperature=1.0)
     policy.setup()
     rng = random.Random(recipe.run.seed)

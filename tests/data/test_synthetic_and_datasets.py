@@ -26,6 +26,26 @@ def test_answers_are_correct_and_solutions_end_with_them():
         assert p.solution.endswith(f"<answer>{p.answer}</answer>") and p.solution.startswith("<think>")
 
 
+def test_slips_change_some_worked_solutions_but_never_problems_or_answers():
+    clean = ArithmeticTask().generate(1000, "train", seed=0)
+    slipped = ArithmeticTask(slip_percent=30).generate(1000, "train", seed=0)
+    assert [(p.problem, p.answer) for p in clean] == [(p.problem, p.answer) for p in slipped]
+    changed = [(c, s) for c, s in zip(clean, slipped, strict=True) if c.solution != s.solution]
+    assert 0.25 < len(changed) / 1000 < 0.35
+    for c, s in changed:
+        final = int(s.solution.split("<answer>")[1].split("</answer>")[0])
+        assert final != int(c.answer)  # the slip reaches the final answer: an incorrect demonstration
+        # Exactly one line has a wrong result; the lines after it compute correctly from it.
+        wrong = 0
+        for line in s.solution.removeprefix("<think>").split("</think>")[0].split("\n"):
+            lhs, rhs = line.split(" = ")
+            wrong += eval(lhs) != int(rhs)  # noqa: S307 (digits and one operator)
+        assert wrong == 1
+    assert ArithmeticTask(slip_percent=30).generate(50, "train", seed=0) == slipped[:50]  # deterministic
+    with pytest.raises(ValueError, match="slip_percent"):
+        ArithmeticTask(slip_percent=101)
+
+
 def test_splits_are_disjoint_and_deterministic():
     task = ArithmeticTask()
     train = {p.problem for p in task.generate(1000, "train", seed=1)}
