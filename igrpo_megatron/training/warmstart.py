@@ -31,7 +31,7 @@ DONE_MARK = "config.json"
 
 
 def _sequences(recipe: RecipeConfig, fmt: PromptFormatter) -> list[Sequence]:
-    """Worked solutions for plain prompts and, when iGRPO is on, for draft-conditioned prompts too.
+    """Worked solutions for plain prompts and (``refinement_fraction`` of them) draft-conditioned prompts.
 
     A draft-conditioned example shows another problem's solution as the "earlier attempt" (so it is
     usually wrong) and trains on the correct one: the model learns to read a draft without copying
@@ -46,7 +46,8 @@ def _sequences(recipe: RecipeConfig, fmt: PromptFormatter) -> list[Sequence]:
     out = []
     for p in items:
         prompt = fmt.encode_problem(p.problem)
-        if recipe.algorithm.igrpo.enabled and rng.random() < ws.refinement_fraction:
+        # Also with iGRPO off: GRPO and iGRPO runs of one seed then start from the same warm-start.
+        if rng.random() < ws.refinement_fraction:
             draft = p.solution if rng.random() < 0.3 else rng.choice(items).solution
             built = build_refinement_prompt(fmt.message(p.problem), draft, recipe.algorithm.igrpo.prompt,
                                             encode=fmt.encode_text, decode=fmt.decode)
