@@ -46,12 +46,27 @@ class ModelConfig:
     params_dtype: str = param("float32", choices=("float32", "bfloat16", "float16"),
                               help="Parameter dtype. float32 on CPU; bfloat16 on GPU.")
     fp8: str | None = param(None, choices=(None, "tensorwise", "blockwise", "mxfp8", "delayed"),
-                            help="FP8 recipe through Transformer Engine (GPU only). null: no FP8.")
+                            help="FP8 recipe through Transformer Engine (GPU only; mxfp8 needs Blackwell). "
+                                 "Needs params_dtype bfloat16. nemotron_h keeps its first and last layers "
+                                 "in bf16, which rules out 'delayed'. null: no FP8.")
     transformer_impl: str = param("auto", choices=("auto", "transformer_engine", "local"),
                                   help="Layer spec: 'auto' picks Transformer Engine when importable and "
                                        "CUDA is present, the local spec otherwise.")
     hf_path: str | None = param(None, help="Hugging Face checkpoint directory to initialise from "
                                            "(safetensors + config.json). null: random initialisation.")
+
+
+    def errors(self, prefix: str = "model") -> list[str]:
+        """FP8 combinations Megatron would reject later, or only deep inside Transformer Engine."""
+        out = []
+        if self.fp8 is not None and self.params_dtype != "bfloat16":
+            out.append(f"{prefix}.fp8={self.fp8!r} needs {prefix}.params_dtype=bfloat16 (got "
+                       f"{self.params_dtype!r}): FP8 GEMMs keep bf16 master weights here")
+        if self.fp8 == "delayed" and self.architecture == "nemotron_h":
+            out.append(f"{prefix}.fp8='delayed' cannot be used with {prefix}.architecture=nemotron_h: Nemotron-H "
+                       f"keeps its first and last layers in bf16, which Megatron supports only with the "
+                       f"current-scaling recipes; use tensorwise, blockwise or mxfp8")
+        return out
 
 
 @dataclass

@@ -10,13 +10,38 @@ import torch.nn.functional as F
 from megatron.core.transformer import TransformerConfig
 
 from igrpo_megatron.config.model import ModelConfig, ParallelConfig
-from igrpo_megatron.models.capability import has_cuda
+from igrpo_megatron.models.capability import has_cuda, has_transformer_engine
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def torch_dtype(name: str) -> torch.dtype:
     return _DTYPES[name]
+
+
+# FP8 GEMMs in Transformer Engine need the token count of a micro-batch divisible by this.
+_FP8_PAD = {"tensorwise": 16, "blockwise": 16, "delayed": 16, "mxfp8": 32}
+
+
+def fp8_pad_multiple(model: ModelConfig) -> int:
+    """What micro-batch sequence lengths are padded to (1 without FP8)."""
+    return _FP8_PAD.get(model.fp8, 1) if model.fp8 else 1
+
+
+def fp8_settings(model: ModelConfig) -> dict[str, Any]:
+    """``TransformerConfig`` fields for the recipe's ``model.fp8`` (empty without FP8).
+
+    Current-scaling recipes use e4m3 both ways; delayed scaling uses 'hybrid' (e4m3 forward, e5m2
+    gradients) with a 1024-step amax history. Nemotron-H keeps its first and last layers in bf16.
+    """
+    if not model.fp8:
+        return {}
+    out: dict[str, Any] = dict(fp8="hybrid" if model.fp8 == "delayed" else "e4m3", fp8_recipe=model.fp8)
+    if model.fp8 == "delayed":
+        out.update(fp8_amax_history_len=1024, fp8_amax_compute_algo="max")
+    if model.architecture == "nemotron_h":
+        out.update(first_last_layers_bf16=True, num_layers_at_start_in_bf16=1, num_layers_at_end_in_bf16=1)
+    return out
 
 
 def make_transformer_config(model: ModelConfig, parallel: ParallelConfig, **overrides: Any) -> TransformerConfig:
@@ -65,6 +90,12 @@ def make_transformer_config(model: ModelConfig, parallel: ParallelConfig, **over
         # previous stage are the same peer, and interleaved schedules then swap activations and grads.
         batch_p2p_comm=on_gpu,
     )
+    if model.fp8:
+        if not has_transformer_engine():
+            raise RuntimeError(f"model.fp8={model.fp8!r} runs through Transformer Engine on a GPU, and this "
+                               f"machine has no CUDA device or no importable transformer_engine; set model.fp8: null "
+                               f"(or install the 'gpu' extra on a GPU machine)")
+        kwargs.update(fp8_settings(model))
     kwargs.update(overrides)
     valid = {f.name for f in dataclasses.fields(TransformerConfig)}
     unknown = sorted(set(kwargs) - valid)

@@ -22,6 +22,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from igrpo_megatron.algorithms.logprobs import vocab_parallel_logprobs_and_entropy
 from igrpo_megatron.algorithms.losses import needs_reference, policy_loss
 from igrpo_megatron.config.schema import RecipeConfig
+from igrpo_megatron.models.transformer_config import fp8_pad_multiple
 from igrpo_megatron.training.batch import (
     MicroBatch,
     TrainBatch,
@@ -113,9 +114,10 @@ class MegatronPolicy:
         dp_rank = parallel_state.get_data_parallel_rank()
         dp_size = parallel_state.get_data_parallel_world_size()
         mine = shard_for_rank(batch, dp_rank, dp_size)
+        pad_to = fp8_pad_multiple(self.recipe.model)
         plans = plan_micro_batches([batch.sequences[i].length for i in mine],
-                                   self.recipe.trainer.micro_batch_tokens)
-        return [build_micro_batch(batch, [mine[p] for p in plan]) for plan in plans]
+                                   self.recipe.trainer.micro_batch_tokens, pad_to=pad_to)
+        return [build_micro_batch(batch, [mine[p] for p in plan], pad_to=pad_to) for plan in plans]
 
     def _forward(self, model: torch.nn.Module, mb: MicroBatch) -> torch.Tensor:
         positions = torch.arange(mb.tokens.shape[1]).unsqueeze(0).expand_as(mb.tokens)
