@@ -54,6 +54,8 @@ _LAYER_MAP: dict[str, tuple[str, tuple[str, ...]]] = {
     "mixer.in_proj.weight": (IN_PROJ, ("mixer.in_proj.weight",)),
     "mixer.conv1d.weight": (CONV, ("mixer.conv1d.weight",)),
     "mixer.conv1d.bias": (CONV, ("mixer.conv1d.bias",)),
+    "mixer.conv1d_weight": (CONV, ("mixer.conv1d.weight",)),  # megatron-core >= 0.17: bare parameters
+    "mixer.conv1d_bias": (CONV, ("mixer.conv1d.bias",)),
     "mixer.dt_bias": (DIRECT, ("mixer.dt_bias",)),
     "mixer.A_log": (DIRECT, ("mixer.A_log",)),
     "mixer.D": (DIRECT, ("mixer.D",)),
