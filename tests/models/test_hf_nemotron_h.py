@@ -16,10 +16,11 @@ import shutil
 import pytest
 import torch
 
-from igrpo_megatron.config.model import ModelConfig, ParallelConfig
+from igrpo_megatron.config.model import ModelConfig
 from igrpo_megatron.models import hf_nemotron_h
 from igrpo_megatron.models.hf_qwen2 import QKV
 from tests.helpers.distributed import run_on_ranks
+from tests.helpers.hf_roundtrip import import_forward_export
 from tests.helpers.tiny_models import load_state_dict
 
 pytestmark = pytest.mark.timeout(900)
@@ -82,32 +83,7 @@ def hf_logits(path, clamp_dt: bool = True) -> torch.Tensor:
 
 
 def _import_export(rank, world_size, hf_path, out_path, parallel_kwargs):
-    """Import at the given layout, run a forward (full vocab logits; PP=1 only), export again."""
-    from megatron.core import parallel_state
-
-    from igrpo_megatron.models.hf_io import load_hf_into_megatron, save_hf_checkpoint
-    from igrpo_megatron.runtime.cpu_mode import enable_cpu_mode
-    from igrpo_megatron.runtime.parallel import destroy_distributed, init_distributed
-    from igrpo_megatron.training.megatron_setup import build_model_chunks
-
-    enable_cpu_mode()
-    parallel = ParallelConfig(**parallel_kwargs)
-    init_distributed(parallel, seed=rank + 100)  # a different random init on every rank: import must overwrite it
-    chunks = build_model_chunks(model_cfg(), parallel, wrap_ddp=False)
-    load_hf_into_megatron(chunks, model_cfg(), hf_path)
-    logits = None
-    if parallel.pipeline_model_parallel_size == 1:
-        ids = tokens()
-        pos = torch.arange(ids.shape[1]).unsqueeze(0).expand_as(ids)
-        with torch.no_grad():
-            local = chunks[0](ids, pos, attention_mask=None)  # [B, S, V / TP]
-        tp_group = parallel_state.get_tensor_model_parallel_group()
-        parts = [torch.empty_like(local) for _ in range(parallel.tensor_model_parallel_size)]
-        torch.distributed.all_gather(parts, local.contiguous(), group=tp_group)
-        logits = torch.cat(parts, dim=-1)
-    save_hf_checkpoint(chunks, model_cfg(), out_path)
-    destroy_distributed()
-    return logits
+    return import_forward_export(rank, world_size, model_cfg(), tokens(), hf_path, out_path, parallel_kwargs)
 
 
 def _assert_exported_equals_original(hf_dir, out):

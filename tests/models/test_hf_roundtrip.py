@@ -3,8 +3,9 @@
 import pytest
 import torch
 
-from igrpo_megatron.config.model import ModelConfig, ParallelConfig
+from igrpo_megatron.config.model import ModelConfig
 from tests.helpers.distributed import run_on_ranks
+from tests.helpers.hf_roundtrip import import_forward_export
 from tests.helpers.tiny_models import build_tiny_qwen2, load_state_dict
 
 pytestmark = pytest.mark.timeout(600)
@@ -36,26 +37,7 @@ def hf_logits(path) -> torch.Tensor:
 
 
 def _import_export(rank, world_size, hf_path, out_path, parallel_kwargs):
-    """Import the HF checkpoint at the given layout, run a forward, export it again."""
-    from igrpo_megatron.models.hf_io import load_hf_into_megatron, save_hf_checkpoint
-    from igrpo_megatron.runtime.cpu_mode import enable_cpu_mode
-    from igrpo_megatron.runtime.parallel import destroy_distributed, init_distributed
-    from igrpo_megatron.training.megatron_setup import build_model_chunks
-
-    enable_cpu_mode()
-    parallel = ParallelConfig(**parallel_kwargs)
-    init_distributed(parallel, seed=rank + 100)  # a different random init on every rank: import must overwrite it
-    chunks = build_model_chunks(model_cfg(), parallel, wrap_ddp=False)
-    load_hf_into_megatron(chunks, model_cfg(), hf_path)
-    logits = None
-    if parallel.tensor_model_parallel_size == 1 and parallel.pipeline_model_parallel_size == 1:
-        ids = tokens()
-        pos = torch.arange(ids.shape[1]).unsqueeze(0).expand_as(ids)
-        with torch.no_grad():
-            logits = chunks[0](ids, pos, attention_mask=None)
-    save_hf_checkpoint(chunks, model_cfg(), out_path)
-    destroy_distributed()
-    return logits
+    return import_forward_export(rank, world_size, model_cfg(), tokens(), hf_path, out_path, parallel_kwargs)
 
 
 def test_megatron_matches_transformers_and_export_is_exact(hf_dir, tmp_path):
