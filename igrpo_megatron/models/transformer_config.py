@@ -25,7 +25,7 @@ _FP8_PAD = {"tensorwise": 16, "blockwise": 16, "delayed": 16, "mxfp8": 32}
 
 def fp8_pad_multiple(model: ModelConfig) -> int:
     """What micro-batch sequence lengths are padded to (1 without FP8)."""
-    return _FP8_PAD.get(model.fp8, 1) if model.fp8 else 1
+    return _FP8_PAD.get(model.fp8, 1)
 
 
 def fp8_settings(model: ModelConfig) -> dict[str, Any]:
