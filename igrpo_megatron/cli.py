@@ -80,6 +80,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve-rollout", help="start the vLLM rollout sidecar for a recipe and keep it up")
     _add_recipe_args(serve)
+
+    data = sub.add_parser("data", help="get the public evaluation sets (AIME24/25, MATH-500, AMC23)")
+    data_sub = data.add_subparsers(dest="data_command", metavar="ACTION", required=True)
+    fetch = data_sub.add_parser("fetch", help="download, check and write the sets as the JSONL files the "
+                                              "built-in benchmarks read")
+    fetch.add_argument("names", nargs="+", metavar="NAME", help="aime24, aime25, math500, amc23")
+    fetch.add_argument("--to", required=True, help="directory for <name>.jsonl (point evaluation.data_dir here)")
+    fetch.add_argument("--base-url", help="a mirror of raw.githubusercontent.com (same <repo>/<commit>/<path> "
+                                          "layout)")
     return parser
 
 
@@ -141,6 +150,13 @@ def _serve_rollout(args: argparse.Namespace) -> int:
     from igrpo_megatron.rollout.server import serve_from_recipe
 
     return serve_from_recipe(load_recipe(args.recipe, args.overrides))
+
+
+@command("data")
+def _data(args: argparse.Namespace) -> int:
+    from igrpo_megatron.evaluation.fetch import run_fetch_command
+
+    return run_fetch_command(args.names, args.to, base_url=args.base_url)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

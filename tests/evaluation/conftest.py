@@ -1,13 +1,12 @@
-"""Shared fixtures of the evaluation tests: the public eval files, a tiny tokenizer, a scripted engine.
+"""Shared fixtures of the evaluation tests: a tiny tokenizer, a scripted engine.
 
-The eval files are not part of the project: they are found at ``<repo>/../shared/data/eval`` (the CI
-clone has ``shared/`` beside it) or at ``$IGRPO_EVAL_DATA_DIR``. When neither exists the tests that
-need them fail with a message saying where they looked, rather than skip.
+The public eval files come from the ``eval_data_dir`` fixture in tests/conftest.py (which says where
+it looks, and when a test without them skips or fails); tests that do not need those exact files
+write their own small ones.
 """
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,23 +18,6 @@ from igrpo_megatron.rollout.interfaces import Completion, CompletionGroup, Sampl
 from tests.helpers.tiny_models import build_tiny_tokenizer
 
 REPO = Path(__file__).resolve().parents[2]
-EVAL_FILES = ("aime24.jsonl", "aime25.jsonl", "math500.jsonl", "amc23.jsonl")
-
-
-def find_eval_data_dir() -> Path:
-    """``$IGRPO_EVAL_DATA_DIR`` or ``<repo>/../shared/data/eval``; fails the test when the files are absent."""
-    configured = os.environ.get("IGRPO_EVAL_DATA_DIR")
-    path = Path(configured) if configured else REPO.parent / "shared" / "data" / "eval"
-    missing = [f for f in EVAL_FILES if not (path / f).is_file()]
-    if missing:
-        pytest.fail(f"evaluation data not found: {path} lacks {missing}. Put the public files there (see "
-                    "shared/data/eval/SOURCES.md) or set IGRPO_EVAL_DATA_DIR to their directory.")
-    return path
-
-
-@pytest.fixture(scope="session")
-def eval_data_dir() -> Path:
-    return find_eval_data_dir()
 
 
 @pytest.fixture(scope="session")

@@ -2,6 +2,9 @@
 
 The public files' row counts and answer fields are listed in shared/data/eval/SOURCES.md: aime24 30
 rows (expected_answer), aime25 30 (expected_answer), math500 500 (answer), amc23 40 (answer, floats).
+Tests asking for ``eval_data_dir`` read those files and skip without them (tests/conftest.py says
+when they fail instead); the built-in names are also tested on small files written here in the same
+fields and types, so a fresh clone covers the loaders too.
 """
 
 from __future__ import annotations
@@ -86,6 +89,45 @@ def test_math500_latex_gold_scores_equivalent_forms(eval_data_dir, math_reward):
     result = math_reward.score([RewardItem("p", gold, c) for c in ("\\boxed{\\dfrac{14}{3}}", "\\boxed{14/3}",
                                                                  "\\boxed{4.6}")])
     assert result.correct == [True, True, False]
+
+
+def _write_public_format_files(folder) -> None:
+    """Two rows per built-in file, in the public files' own fields and types (see SOURCES.md)."""
+    files = {
+        "aime24": [{"id": "aime24-0", "problem": "Find N.", "expected_answer": "073", "reference_solution": "s"},
+                   {"id": "aime24-1", "problem": "Find M.", "expected_answer": "204", "reference_solution": "s"}],
+        "aime25": [{"id": "aime25-0", "problem": "Find b.", "expected_answer": "70", "reference_solution": "s"},
+                   {"id": "aime25-1", "problem": "Find c.", "expected_answer": "0", "reference_solution": "s"}],
+        "math500": [{"problem": "Simplify.", "solution": "s", "answer": "\\frac{14}{3}", "subject": "Algebra",
+                     "level": 2, "unique_id": "test/algebra/1.json"},
+                    {"problem": "Solve.", "solution": "s", "answer": "(3, 4)", "subject": "Algebra", "level": 3,
+                     "unique_id": "test/algebra/2.json"}],
+        "amc23": [{"id": 0, "problem": "How many miles?", "answer": 27.0, "url": "u", "question": "q"},
+                  {"id": 1, "problem": "How many ways?", "answer": 3159.0, "url": "u", "question": "q"}],
+    }
+    for name, rows in files.items():
+        (folder / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_builtin_names_read_small_files_in_the_public_formats(tmp_path, math_reward):
+    _write_public_format_files(tmp_path)
+    cfg = EvaluationConfig(data_dir=str(tmp_path))
+    benches = {b.name: b for b in load_benchmarks(["aime24", "aime25", "math500", "amc23"], cfg)}
+    got = {name: [(p.id, p.gold) for p in b.problems] for name, b in benches.items()}
+    assert got == {"aime24": [("aime24-0", "73"), ("aime24-1", "204")],  # '073' loses its zero
+                   "aime25": [("aime25-0", "70"), ("aime25-1", "0")],
+                   "math500": [("test/algebra/1.json", "\\frac{14}{3}"), ("test/algebra/2.json", "(3, 4)")],
+                   "amc23": [("0", "27"), ("1", "3159")]}  # 27.0 -> '27'
+    assert [samples_per_problem(b.spec, cfg) for b in benches.values()] == [64, 64, 8, 8]
+    amc, frac = benches["amc23"].problems[0], benches["math500"].problems[0]
+    result = math_reward.score([RewardItem(amc.problem, amc.gold, "\\boxed{27}"),
+                                RewardItem(amc.problem, amc.gold, "\\boxed{28}"),
+                                RewardItem(frac.problem, frac.gold, "\\boxed{\\dfrac{14}{3}}")])
+    assert result.correct == [True, False, True]
+    # A row the built-in's answer type rejects names the file, the row and the field.
+    (tmp_path / "aime25.jsonl").write_text(json.dumps({"id": "x", "problem": "p", "expected_answer": "4.5"}) + "\n")
+    with pytest.raises(BenchmarkError, match=r"aime25\.jsonl, (row|line) 1, field 'expected_answer'.*whole number"):
+        load_benchmarks(["aime25"], cfg)
 
 
 def test_custom_jsonl_and_parquet_with_field_mapping(tmp_path):
