@@ -65,7 +65,8 @@ def eval_data_dir() -> Path:
     """The directory holding the public evaluation files (skips or fails as the module docstring says)."""
     reason = eval_data_missing_reason()
     if reason is not None:  # only reached when required: the collection hook skips these tests otherwise
-        pytest.fail(f"{reason}; required because CI or IGRPO_REQUIRE_EVAL_DATA=1 is set", pytrace=False)
+        pytest.fail(f"{reason}; required because CI or IGRPO_REQUIRE_EVAL_DATA=1 is set",
+                    pytrace=False)
     return eval_data_path()
 
 
@@ -86,7 +87,7 @@ def _skip_without_eval_data(items: list[pytest.Item]) -> None:
     reason = eval_data_missing_reason()
     if reason is None or eval_data_required():
         return
-    skip = pytest.mark.skip(reason=f"{reason}; CI=1 or IGRPO_REQUIRE_EVAL_DATA=1 fails instead")
+    skip = pytest.mark.skip(reason=f"{reason}; with CI set or IGRPO_REQUIRE_EVAL_DATA=1 this fails instead")
     for item in items:
         if EVAL_DATA_FIXTURE in getattr(item, "fixturenames", ()):
             item.add_marker(skip)
