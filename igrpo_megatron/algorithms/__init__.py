@@ -7,14 +7,10 @@ from igrpo_megatron.algorithms.advantages import AdvantageMetrics, group_advanta
 from igrpo_megatron.algorithms.aggregation import loss_normalizers, register_aggregation
 from igrpo_megatron.algorithms.draft_selection import DraftSelection, select_drafts
 from igrpo_megatron.algorithms.igrpo import (
-    GroupRecord,
-    IGRPORollout,
     IGRPOStepMetrics,
     RoundMetrics,
-    check_budget,
     igrpo_step_metrics,
     round_metrics,
-    run_igrpo_rollout,
     select_with_config,
 )
 from igrpo_megatron.algorithms.kl import register_kl_estimator
@@ -33,11 +29,10 @@ from igrpo_megatron.algorithms.refinement_prompt import (
 from igrpo_megatron.algorithms.variants import LOSS_VARIANTS, with_variant
 
 __all__ = [
-    "LOSS_VARIANTS", "AdvantageMetrics", "DraftSelection", "GroupRecord", "IGRPORollout",
-    "IGRPOStepMetrics", "PolicyLossMetrics", "RefinementPrompt", "RoundMetrics", "build_refinement_prompt",
-    "check_budget", "fill_template", "group_advantages", "igrpo_step_metrics", "loss_normalizers",
-    "needs_reference", "policy_loss", "register_aggregation", "register_kl_estimator", "round_metrics",
-    "run_igrpo_rollout", "select_drafts", "select_with_config", "strip_think", "uniform_groups",
-    "vocab_parallel_entropy", "vocab_parallel_logprobs", "vocab_parallel_logprobs_and_entropy",
+    "LOSS_VARIANTS", "AdvantageMetrics", "DraftSelection", "IGRPOStepMetrics", "PolicyLossMetrics",
+    "RefinementPrompt", "RoundMetrics", "build_refinement_prompt", "fill_template", "group_advantages",
+    "igrpo_step_metrics", "loss_normalizers", "needs_reference", "policy_loss", "register_aggregation",
+    "register_kl_estimator", "round_metrics", "select_drafts", "select_with_config", "strip_think",
+    "uniform_groups", "vocab_parallel_entropy", "vocab_parallel_logprobs", "vocab_parallel_logprobs_and_entropy",
     "with_variant",
 ]

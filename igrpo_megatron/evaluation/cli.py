@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from igrpo_megatron.config import RecipeError
+from igrpo_megatron.data.prompts import PromptError
 from igrpo_megatron.evaluation.benchmarks import BenchmarkError, load_benchmarks, samples_per_problem
 from igrpo_megatron.evaluation.checkpoints import CheckpointExportError, EvalTarget, resolve_target
-from igrpo_megatron.evaluation.prompts import PromptError
 from igrpo_megatron.evaluation.records import EvalRun
 from igrpo_megatron.evaluation.report import (
     compare_markdown,

@@ -9,6 +9,9 @@ given one (its aiohttp session and locks belong to that loop).
 Problems go to the engine in batches of ``evaluation.problems_per_batch``; while batch i is scored
 (math-verify in worker processes, on a thread so the event loop keeps going), batch i + 1 is
 already generating. Each batch ends with a progress line (rate and ETA).
+
+Prompts, plain and draft-conditioned, come from ``data.prompts.PromptFormatter``, the builder training
+uses. Test-time refinement rounds (:meth:`Evaluator.refine_async`) pick drafts with ``refine.pick_drafts``.
 """
 
 from __future__ import annotations
@@ -17,16 +20,17 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 from igrpo_megatron.config.algorithm import RefinementPromptConfig
 from igrpo_megatron.config.evaluation import EvaluationConfig
 from igrpo_megatron.config.reward import AnswerExtractionConfig
+from igrpo_megatron.data.prompts import PromptFormatter
 from igrpo_megatron.evaluation.benchmarks import Benchmark, Problem
 from igrpo_megatron.evaluation.metrics import IntervalSettings, per_problem_metrics, summarize
-from igrpo_megatron.evaluation.prompts import PromptBuilder
-from igrpo_megatron.evaluation.records import BenchmarkResult, ProblemRecord, SampleRecord
+from igrpo_megatron.evaluation.records import BenchmarkResult, ProblemRecord, RefineRoundRecord, SampleRecord
+from igrpo_megatron.evaluation.refine import EXTRA_DRAFTS_ROUND, pick_drafts
 from igrpo_megatron.rewards.extraction import extract_answer
 from igrpo_megatron.rewards.interfaces import RewardFunction, RewardItem
 from igrpo_megatron.rollout.interfaces import CompletionGroup, RolloutEngine, SamplingParams
@@ -98,7 +102,7 @@ class Evaluator:
                  extraction: AnswerExtractionConfig, refine_prompt: RefinementPromptConfig, max_tokens: int,
                  max_model_len: int | None = None, owns_reward: bool = False):
         self.cfg = cfg
-        self.prompts = PromptBuilder(tokenizer, cfg.prompt_template, cfg.system_prompt, cfg.use_chat_template)
+        self.prompts = PromptFormatter(tokenizer, cfg, section="evaluation")  # the training prompt path
         self.reward = reward
         self.extraction = extraction
         self.refine_prompt = refine_prompt
@@ -149,8 +153,8 @@ class Evaluator:
         """Plain prompts of every problem; refuses prompts that cannot fit beside max_tokens."""
         out = []
         for p in benchmark.problems:
-            text = self.prompts.user_text(p.problem)
-            out.append(Query(p, text, self.prompts.ids(text)))
+            text = self.prompts.message(p.problem)
+            out.append(Query(p, text, self.prompts.encode_message(text)))
         if self.max_model_len is not None:
             too_long = [q for q in out if len(q.prompt_ids) + self.max_tokens > self.max_model_len]
             if too_long:
@@ -223,8 +227,6 @@ class Evaluator:
     async def evaluate_async(self, engine: RolloutEngine, benchmark: Benchmark, num_samples: int, *,
                              refine: bool | None = None, ks: Sequence[int] | None = None) -> BenchmarkResult:
         """Sample, score and summarise one benchmark (plus test-time refinement when enabled)."""
-        from igrpo_megatron.evaluation.refine import run_refinement
-
         if num_samples < 1:
             raise EvaluationError(f"{benchmark.name}: samples per problem = {num_samples}; must be >= 1.")
         refine = self.cfg.refine.enabled if refine is None else refine
@@ -235,7 +237,7 @@ class Evaluator:
         records = [ProblemRecord(q.problem.index, q.problem.id, q.problem.problem, q.problem.gold,
                                  len(q.prompt_ids), samples) for q, samples in zip(queries, plain, strict=True)]
         if refine:
-            await run_refinement(self, engine, queries, records, num_samples, label=benchmark.name)
+            await self.refine_async(engine, queries, records, num_samples, label=benchmark.name)
         per_problem = per_problem_metrics(records, ks)
         metrics = summarize(per_problem, self.intervals)
         wall = time.monotonic() - t0
@@ -249,3 +251,44 @@ class Evaluator:
     def evaluate(self, engine: Any, benchmark: Benchmark, num_samples: int, **kwargs: Any) -> BenchmarkResult:
         """Synchronous :meth:`evaluate_async` (see :func:`run_sync` for which loop runs it)."""
         return run_sync(engine, lambda eng: self.evaluate_async(eng, benchmark, num_samples, **kwargs))
+
+    # -- test-time refinement (evaluation.refine; see the refine module) --------------------------
+
+    def _refinement_query(self, query: Query, draft: SampleRecord, use_draft: bool) -> tuple[Query, bool, bool]:
+        """(query, used_draft, truncated): q' built as training builds it, or the plain query when the
+        draft is not to be shown or no part of it fits the budget."""
+        if not use_draft:
+            return query, False, False
+        budget = self.cfg.refine.max_prompt_tokens
+        if budget is None and self.max_model_len is not None:
+            budget = self.max_model_len - self.max_tokens
+        built = self.prompts.refinement(query.problem.problem, draft.text, self.refine_prompt, budget)
+        if built is None:
+            return query, False, False
+        return replace(query, user_text=built.user_text, prompt_ids=built.ids), True, built.truncated
+
+    async def refine_async(self, engine: RolloutEngine, queries: Sequence[Query], records: Sequence[ProblemRecord],
+                           n: int, *, label: str) -> None:
+        """Run ``evaluation.refine.num_rounds`` rounds; fills ``records[i].refine`` (and ``extra_drafts``)."""
+        cfg = self.cfg.refine
+        pools = [list(r.samples[:cfg.num_drafts]) for r in records]
+        if cfg.num_drafts > n:
+            extra = await self.sample_and_score(engine, queries, cfg.num_drafts - n, round_no=EXTRA_DRAFTS_ROUND,
+                                                label=f"{label} extra drafts")
+            for record, pool, more in zip(records, pools, extra, strict=True):
+                record.extra_drafts = more
+                pool.extend(more)
+        for rnd in range(1, cfg.num_rounds + 1):
+            picks = pick_drafts(pools, cfg)
+            built = [self._refinement_query(q, pool[p.index], p.use_draft)
+                     for q, pool, p in zip(queries, pools, picks, strict=True)]
+            samples = await self.sample_and_score(engine, [b[0] for b in built], n, round_no=rnd,
+                                                  label=f"{label} refine round {rnd}")
+            for record, pool, pick, (q, used, truncated), got in zip(records, pools, picks, built, samples,
+                                                                      strict=True):
+                draft = pool[pick.index]
+                record.refine.append(RefineRoundRecord(
+                    round=rnd, picked=pick.index, picked_answer=draft.answer, picked_correct=draft.correct,
+                    vote_share=pick.vote_share, used_draft=used, draft_truncated=truncated,
+                    prompt_tokens=len(q.prompt_ids), samples=got))
+            pools = samples

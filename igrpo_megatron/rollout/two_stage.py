@@ -27,7 +27,6 @@ import torch
 
 from igrpo_megatron.algorithms.draft_selection import DraftSelection
 from igrpo_megatron.algorithms.igrpo import igrpo_step_metrics, round_metrics, select_with_config
-from igrpo_megatron.algorithms.refinement_prompt import build_refinement_prompt
 from igrpo_megatron.config.algorithm import AlgorithmConfig
 from igrpo_megatron.data.datasets import PromptRecord
 from igrpo_megatron.data.prompts import PromptFormatter
@@ -191,23 +190,10 @@ class TwoStageRollout:
         return list(range(first, len(out)))
 
     def _refinement_ids(self, record: PromptRecord, draft_text: str) -> list[int] | None:
-        """Token ids of q' (chat template included) within ``max_prompt_length``, or None when none of
-        the draft fits: the server would reject the longer prompt and fail the whole step.
-
-        ``build_refinement_prompt`` counts raw text, so the chat template's own tokens come off the
-        budget first and the finished ids are checked exactly (as evaluation's refinement does, so
-        training and test-time prompts are built alike).
-        """
-        overhead = len(self.fmt.encode_message(""))
-        built = build_refinement_prompt(
-            self.fmt.message(record.problem), draft_text, self.alg.igrpo.prompt,
-            max_prompt_tokens=self.max_prompt_length - overhead, encode=self.fmt.encode_text, decode=self.fmt.decode)
-        ids = self.fmt.encode_message(built.text)
-        if not built.fits or not built.draft_shown.strip() or len(ids) > self.max_prompt_length:
-            logger.debug("no room for the draft in a %d-token refinement prompt (max_prompt_length %d)",
-                         len(ids), self.max_prompt_length)
-            return None
-        return ids
+        """Token ids of q' within ``max_prompt_length`` (chat template included), or None when none of
+        the draft fits: the server would reject the longer prompt and fail the whole step."""
+        built = self.fmt.refinement(record.problem, draft_text, self.alg.igrpo.prompt, self.max_prompt_length)
+        return None if built is None else built.ids
 
     # ---------------------------------------------------------------- prompts
     async def _grpo(self, index: int, record: PromptRecord, step: int, out: list[Sample], groups: list[Group]):

@@ -36,9 +36,9 @@ def _sequences(recipe: RecipeConfig, fmt: PromptFormatter) -> list[Sequence]:
     A draft-conditioned example shows another problem's solution as the "earlier attempt" (so it is
     usually wrong) and trains on the correct one: the model learns to read a draft without copying
     it. Pretrained reasoning models bring this ability; a random tiny model has to be shown it.
+    The prompts are built as the rollouts build them (same builder, same ``data.max_prompt_length``
+    budget; a draft with no room left gives the plain prompt).
     """
-    from igrpo_megatron.algorithms.refinement_prompt import build_refinement_prompt
-
     ws, d = recipe.trainer.warmstart, recipe.data
     items = build_task(d.synthetic_task, d.synthetic_options).generate(ws.num_examples, "train", seed=recipe.run.seed + 1)
     eos = [fmt.eos_token_id] if fmt.eos_token_id is not None else []
@@ -49,9 +49,8 @@ def _sequences(recipe: RecipeConfig, fmt: PromptFormatter) -> list[Sequence]:
         # Also with iGRPO off: GRPO and iGRPO runs of one seed then start from the same warm-start.
         if rng.random() < ws.refinement_fraction:
             draft = p.solution if rng.random() < 0.3 else rng.choice(items).solution
-            built = build_refinement_prompt(fmt.message(p.problem), draft, recipe.algorithm.igrpo.prompt,
-                                            encode=fmt.encode_text, decode=fmt.decode)
-            prompt = fmt.encode_message(built.text)
+            built = fmt.refinement(p.problem, draft, recipe.algorithm.igrpo.prompt, d.max_prompt_length)
+            prompt = prompt if built is None else built.ids
         out.append(Sequence(prompt, fmt.encode_text(p.solution) + eos, advantage=1.0))
     return out
 
