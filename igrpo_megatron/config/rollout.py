@@ -14,7 +14,7 @@ from igrpo_megatron.config.fields import choice_errors, param
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 LOGPROBS_MODES = ("raw_logprobs", "processed_logprobs")
-WEIGHT_TRANSPORTS = ("shm_reload",)
+WEIGHT_TRANSPORTS = ("auto", "shm_reload", "gloo", "nccl")
 
 
 @dataclass
@@ -107,15 +107,33 @@ class RetryConfig:
 class WeightSyncConfig:
     """How fresh policy weights reach the sidecar after every optimizer step."""
 
-    transport: str = param("shm_reload", choices=WEIGHT_TRANSPORTS,
-                           help="'shm_reload': write HF-named safetensors to a shared-memory directory and "
-                                "ask vLLM to reload from it (CPU, or trainer and sidecar on one node).")
+    transport: str = param("auto", choices=WEIGHT_TRANSPORTS,
+                           help="How the weights travel. 'shm_reload': HF-named safetensors written under "
+                                "shm_root, which vLLM reloads (the server must see that directory: same node). "
+                                "'gloo': streamed in buckets through vLLM's weight-transfer engine API over a "
+                                "torch.distributed gloo group (any machine; the server needs this project "
+                                "installed, which registers the engine as a vLLM plugin). 'nccl': the same "
+                                "with vLLM's own NCCL engine (GPUs on both sides, vLLM in the trainer). 'auto': "
+                                "shm_reload when the trainer starts the server itself (rollout.server.url null), "
+                                "else nccl on a CUDA machine and gloo elsewhere.")
+    master_address: str | None = param(None, help="gloo/nccl: address of the trainer that the server's workers "
+                                                  "connect to (it hosts the group's TCP store). null: this "
+                                                  "machine's address on the route to the server.")
+    master_port: int = param(0, help="gloo/nccl: port of that store. 0: a free port. Must be reachable from "
+                                     "the server's node (firewalls).")
+    socket_ifname: str | None = param(None, help="gloo: network interface the trainer's end of the group uses "
+                                                 "(e.g. 'ib0'). null: $GLOO_SOCKET_IFNAME, else the interface "
+                                                 "holding master_address. The server side reads "
+                                                 "$GLOO_SOCKET_IFNAME, else the interface that routes to the "
+                                                 "trainer.")
     shm_root: str = param("/dev/shm", help="Directory the weight files are written under. Must be visible "
                                            "to the server process (same machine, or a shared filesystem).")
-    bucket_size_mb: int = param(512, help="Largest safetensors shard written at once (MiB); bounds the "
-                                          "extra memory held while streaming tensors out.")
+    bucket_size_mb: int = param(512, help="Largest safetensors shard written at once (shm_reload), or largest "
+                                          "bucket broadcast at once (gloo/nccl), in MiB; bounds the extra "
+                                          "memory held while streaming tensors out.")
     keep_files: bool = param(False, help="Keep the weight directory after the reload (debugging only).")
-    rpc_timeout_s: float = param(600.0, help="Seconds the server may take to reload the weights.")
+    rpc_timeout_s: float = param(600.0, help="Seconds the server may take to reload the weights (shm_reload), "
+                                             "or to form the group / receive one bucket (gloo/nccl).")
 
 
 @dataclass
@@ -150,6 +168,9 @@ class RolloutConfig:
         for key, value in positive.items():
             if value <= 0:
                 errors.append(f"{key} = {value}: must be > 0; set it to a positive value.")
+        if not 0 <= w.master_port <= 65535:
+            errors.append(f"rollout.weight_sync.master_port = {w.master_port}: must be in 0..65535 (0 picks a "
+                          "free port).")
         if not 0 <= s.port <= 65535:
             errors.append(f"rollout.server.port = {s.port}: must be in 0..65535 (0 picks a free port).")
         if s.max_restarts < 0:

@@ -223,9 +223,20 @@ class RolloutClient:
         except (TimeoutError, aiohttp.ClientError, OSError):
             return False
 
-    async def post(self, path: str, payload: dict | None = None, timeout_s: float | None = None) -> Any:
-        """POST JSON to ``path`` with the client's retries (used for the server's control endpoints)."""
-        return await self._request("POST", path, payload, timeout_s or self.retry.request_timeout_s)
+    async def post(self, path: str, payload: dict | None = None, timeout_s: float | None = None,
+                   retry: bool = True) -> Any:
+        """POST JSON to ``path`` with the client's retries (used for the server's control endpoints).
+
+        ``retry=False`` for calls that must not run twice (a weight-transfer step the server may
+        already be executing): any failure raises ``SidecarUnavailableError`` at once.
+        """
+        timeout_s = timeout_s or self.retry.request_timeout_s
+        if retry:
+            return await self._request("POST", path, payload, timeout_s)
+        try:
+            return await self._request_once("POST", path, payload, timeout_s)
+        except _TransientError as exc:
+            raise SidecarUnavailableError(f"POST {self.base_url}{path} failed: {exc}", url=self.base_url) from exc
 
     async def get(self, path: str, timeout_s: float = 30.0) -> Any:
         return await self._request("GET", path, None, timeout_s)

@@ -9,6 +9,7 @@ someone else's (e.g. the vLLM node group of a Slurm job) and this class only wai
 from __future__ import annotations
 
 import atexit
+import json
 import logging
 import os
 import signal
@@ -42,8 +43,11 @@ class RolloutServer:
     """
 
     def __init__(self, cfg: RolloutServerConfig, model_path: str | Path | None = None,
-                 log_dir: str | Path | None = None, python: str | None = None):
+                 log_dir: str | Path | None = None, python: str | None = None,
+                 weight_transfer_backend: str | None = None):
         self.cfg = cfg
+        # vLLM weight-transfer engine the trainer pushes through ('gloo', 'nccl'; None: not needed).
+        self.weight_transfer_backend = weight_transfer_backend
         self.external = cfg.url is not None
         path = model_path if model_path is not None else cfg.model_path
         if not self.external and path is None:
@@ -100,6 +104,8 @@ class RolloutServer:
                 cmd += [flag, str(value)]
         if c.enforce_eager:
             cmd.append("--enforce-eager")
+        if self.weight_transfer_backend is not None:
+            cmd += ["--weight-transfer-config", json.dumps({"backend": self.weight_transfer_backend})]
         return cmd + _cpu_engine_args(c) + list(c.extra_args)
 
     def environment(self) -> dict[str, str]:
@@ -285,7 +291,11 @@ def serve_from_recipe(recipe: RecipeConfig) -> int:
                      "to an HF checkpoint directory.")
         return 2
     log_dir = cfg.log_dir or str(Path(recipe.run.output_dir) / recipe.run.name)
-    server = RolloutServer(cfg, model_path=model_path, log_dir=log_dir)
+    # The trainer is elsewhere: serve the engine its weights arrive through (auto: gloo, or nccl on GPUs).
+    from igrpo_megatron.rollout.weight_sync import engine_backend
+
+    server = RolloutServer(cfg, model_path=model_path, log_dir=log_dir,
+                           weight_transfer_backend=engine_backend(recipe.rollout, local_server=False))
     try:
         server.serve_forever()
     except SidecarError as exc:

@@ -5,7 +5,9 @@ finish), hands the HF-named tensors to a ``WeightTransport``, and advances the p
 every later rollout is stamped with it. ``SharedMemoryReloadTransport`` is the CPU path measured in
 DESIGN.md section 4: safetensors shards in a shared-memory directory, then vLLM's
 ``reload_weights`` through ``/collective_rpc`` and a prefix-cache reset (cached KV blocks were
-computed by the old weights).
+computed by the old weights): it needs the server on the trainer's machine. ``EngineTransport``
+streams the weights over the network through vLLM's weight-transfer engine API (``gloo`` or
+``nccl``), for a server anywhere. ``build_transport`` picks one from ``rollout.weight_sync``.
 """
 
 from __future__ import annotations
@@ -17,45 +19,28 @@ import os
 import shutil
 import tempfile
 import time
+import urllib.request
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import torch
 
-from igrpo_megatron.config.rollout import WeightSyncConfig
+from igrpo_megatron.config.rollout import RolloutConfig, WeightSyncConfig
 from igrpo_megatron.rollout.client import RolloutClient
 from igrpo_megatron.rollout.interfaces import SidecarError, WeightSyncError, WeightTransport
+from igrpo_megatron.rollout.weight_channels import (
+    CHANNELS,
+    StreamStats,
+    iter_buckets,
+    local_address_towards,
+    stream_buckets,
+)
 
 logger = logging.getLogger(__name__)
 
 INDEX_FILE = "model.safetensors.index.json"
-
-
-def _buckets(named_tensors: Iterable[tuple[str, torch.Tensor]],
-             bucket_bytes: int) -> Iterator[dict[str, torch.Tensor]]:
-    """Group tensors, in order, into dicts of at most ``bucket_bytes`` (a bigger tensor goes alone)."""
-    bucket: dict[str, torch.Tensor] = {}
-    size = 0
-    seen: set[str] = set()
-    for name, tensor in named_tensors:
-        if name in seen:
-            raise WeightSyncError(f"weight {name!r} was given twice; each HF parameter name must appear once.")
-        seen.add(name)
-        t = tensor.detach().to("cpu").contiguous()
-        # safetensors refuses tensors that share storage (views, tied weights): give each its own.
-        if t.untyped_storage().nbytes() != t.numel() * t.element_size():
-            t = t.clone()
-        nbytes = t.numel() * t.element_size()
-        if bucket and size + nbytes > bucket_bytes:
-            yield bucket
-            bucket, size = {}, 0
-        bucket[name] = t
-        size += nbytes
-    if bucket:
-        yield bucket
-    if not seen:
-        raise WeightSyncError("no weights were given to push; pass (HF name, tensor) pairs.")
 
 
 def write_weight_dir(named_tensors: Iterable[tuple[str, torch.Tensor]], out_dir: str | Path,
@@ -67,7 +52,7 @@ def write_weight_dir(named_tensors: Iterable[tuple[str, torch.Tensor]], out_dir:
     weight_map: dict[str, str] = {}
     shards: list[Path] = []
     total = 0
-    for i, bucket in enumerate(_buckets(named_tensors, bucket_bytes)):
+    for i, bucket in enumerate(iter_buckets(named_tensors, bucket_bytes)):
         shard = out / f"model-{i + 1:05d}.safetensors"
         save_file(bucket, str(shard), metadata={"format": "pt"})
         shards.append(shard)
@@ -134,7 +119,7 @@ class SharedMemoryReloadTransport:
             await self.client.post("/collective_rpc", {
                 "method": "reload_weights", "kwargs": {"weights_path": str(staged)},
                 "timeout": self.rpc_timeout_s}, timeout_s=self.rpc_timeout_s + 30)
-            await self._reset_prefix_cache()
+            await reset_prefix_cache(self.client)
             await self.client.post("/update_weight_version", {"new_version": str(version)})
         except SidecarError as exc:
             raise WeightSyncError(f"pushing weights version {version} to {self.client.base_url} failed: {exc}. "
@@ -145,15 +130,177 @@ class SharedMemoryReloadTransport:
         logger.info("weights version %d pushed to %s (write %.2f s, total %.2f s)", version,
                     self.client.base_url, t_write, time.monotonic() - t0)
 
-    async def _reset_prefix_cache(self, attempts: int = 20) -> None:
-        """Drop cached KV blocks computed with the old weights; retried while blocks are still held."""
-        for _ in range(attempts):
-            body = await self.client.post("/reset_prefix_cache")
-            if body is None or body.get("success", True):
+
+async def reset_prefix_cache(client: RolloutClient, *, running: bool = False, attempts: int = 20) -> None:
+    """Drop cached KV blocks computed with the old weights; retried while blocks are still held.
+
+    ``running=True`` also preempts requests the server holds (paused with ``mode=keep``): they
+    recompute their prompt and what they generated so far with the new weights when resumed.
+    """
+    path = "/reset_prefix_cache?reset_running_requests=true" if running else "/reset_prefix_cache"
+    for _ in range(attempts):
+        body = await client.post(path)
+        if body is None or body.get("success", True):
+            return
+        await asyncio.sleep(0.25)
+    raise WeightSyncError(f"{client.base_url} refused to reset its prefix cache {attempts} times "
+                          "(requests still running?); outputs could mix old and new weights.")
+
+
+class EngineTransport:
+    """Weight transport through vLLM's weight-transfer engine API (implements WeightTransport).
+
+    The bytes travel over a collective group between this process (rank 0) and every vLLM worker:
+    ``gloo`` (the engine in :mod:`igrpo_megatron.rollout.vllm_gloo`, any machine) or vLLM's own
+    ``nccl`` (GPUs). The server must run with ``--weight-transfer-config '{"backend": ...}'``
+    (``RolloutServer`` adds it, see :func:`engine_backend`) and ``VLLM_SERVER_DEV_MODE=1``.
+
+    The group forms at the first push, and again after the server restarted. A push pauses the
+    server (``mode=keep``: another client's requests freeze), calls ``/start_weight_update``, then for
+    each bucket of at most ``bucket_bytes`` posts its names/dtypes/shapes to ``/update_weights`` while
+    broadcasting its bytes, ``/finish_weight_update`` with the version, resets the prefix cache
+    (frozen requests recompute with the new weights) and resumes. Only one bucket is held at a time.
+    """
+
+    def __init__(self, client: RolloutClient, *, backend: str = "gloo", bucket_bytes: int = 512 << 20,
+                 master_address: str | None = None, master_port: int = 0, interface: str | None = None,
+                 timeout_s: float = 600.0):
+        if backend not in CHANNELS:
+            raise ValueError(f"unknown weight-transfer backend {backend!r}; known: {sorted(CHANNELS)}")
+        self.client = client
+        self.backend = backend
+        self.bucket_bytes = bucket_bytes
+        # The address the workers dial: by default ours on the route to the server.
+        self.master_address = master_address or local_address_towards(urlsplit(client.base_url).hostname)
+        self.master_port = master_port
+        self.interface = interface
+        self.timeout_s = timeout_s
+        self.channel = None
+        self.last_push: StreamStats | None = None
+        self._pushed: str | None = None  # the version label the server should report
+
+    @classmethod
+    def from_config(cls, cfg: WeightSyncConfig, client: RolloutClient, backend: str) -> EngineTransport:
+        return cls(client, backend=backend, bucket_bytes=cfg.bucket_size_mb << 20, master_address=cfg.master_address,
+                   master_port=cfg.master_port, interface=cfg.socket_ifname, timeout_s=cfg.rpc_timeout_s)
+
+    async def push(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
+        """Stream the tensors into the server's workers and label them ``version``."""
+        t0 = time.monotonic()
+        await self._ensure_group()
+        await self.client.post("/pause?mode=keep")
+        started = False
+        try:
+            await self.client.post("/start_weight_update", retry=False)
+            started = True
+            loop = asyncio.get_running_loop()
+
+            def announce(info: dict):
+                return asyncio.run_coroutine_threadsafe(self.client.post(
+                    "/update_weights", {"update_info": info}, timeout_s=self.timeout_s, retry=False), loop)
+
+            # The iterable is consumed in a worker thread: it may issue collectives (the Megatron export).
+            stats = await asyncio.to_thread(stream_buckets, named_tensors, self.channel, announce, self.timeout_s)
+            started = False
+            await self.client.post("/finish_weight_update", {"weight_version": str(version)}, retry=False)
+            self._pushed = str(version)
+            await reset_prefix_cache(self.client, running=True)
+        except Exception as exc:
+            await self._abandon(started)
+            raise WeightSyncError(f"pushing weights version {version} to {self.client.base_url} over {self.backend} "
+                                  f"failed: {exc}. The server may hold old or partly replaced weights: push "
+                                  "again.") from exc
+        await self.client.post("/resume")
+        self.last_push = stats
+        logger.info("weights version %d pushed to %s over %s: %d tensors, %.1f MB in %d buckets, %.2f s", version,
+                    self.client.base_url, self.backend, stats.tensors, stats.bytes / 1e6, stats.buckets,
+                    time.monotonic() - t0)
+
+    async def _ensure_group(self) -> None:
+        """Form the group with the workers, unless it exists and the server did not restart since."""
+        if self.channel is not None:
+            body = await self.client.get("/weight_info")
+            if self._pushed is None or str(body["weight_version"]) == self._pushed:
                 return
-            await asyncio.sleep(0.25)
-        raise WeightSyncError(f"{self.client.base_url} refused to reset its prefix cache {attempts} times "
-                              "(requests still running?); outputs could mix old and new weights.")
+            logger.warning("the server at %s restarted (weights %s, expected %s): forming the %s group again",
+                           self.client.base_url, body["weight_version"], self._pushed, self.backend)
+            self._close_channel()
+        body = await self.client.get("/get_world_size")
+        channel = CHANNELS[self.backend](master_address=self.master_address, master_port=self.master_port,
+                                         interface=self.interface, timeout_s=self.timeout_s,
+                                         bucket_bytes=self.bucket_bytes)
+        init_info = channel.listen(int(body["world_size"]))
+        # The server's call blocks until the group has formed, so it runs while we join as rank 0.
+        joined = asyncio.ensure_future(self.client.post("/init_weight_transfer_engine", {"init_info": init_info},
+                                                        timeout_s=self.timeout_s, retry=False))
+        try:
+            await asyncio.to_thread(channel.connect)
+            await joined
+        except BaseException as exc:
+            joined.cancel()
+            channel.close()
+            raise WeightSyncError(f"could not form the {self.backend} weight-transfer group with the workers of "
+                                  f"{self.client.base_url} at {init_info['master_address']}:{init_info['master_port']}"
+                                  f": {exc}. The workers must reach that address (rollout.weight_sync.master_address, "
+                                  "master_port; GLOO_SOCKET_IFNAME on both sides).") from exc
+        self.channel = channel
+        self._pushed = None
+        logger.info("%s weight-transfer group formed with %s (%s workers)", self.backend, self.client.base_url,
+                    body["world_size"])
+
+    async def _abandon(self, started: bool) -> None:
+        """After a failed push: close the server's update session (best effort), drop the group, resume."""
+        for path, wanted in (("/finish_weight_update", started), ("/resume", True)):
+            if wanted:
+                try:
+                    await self.client.post(path, timeout_s=30.0, retry=False)
+                except SidecarError as exc:
+                    logger.warning("after a failed weight push, POST %s failed too: %s", path, exc)
+        self._close_channel()
+
+    def _close_channel(self) -> None:
+        if self.channel is not None:
+            self.channel.close()
+            self.channel = None
+
+    def close(self) -> None:
+        """Tell the server to drop the group (best effort, it may be gone) and close our end."""
+        if self.channel is None:
+            return
+        try:
+            req = urllib.request.Request(f"{self.client.base_url}/shutdown_weight_transfer_engine", method="POST")
+            urllib.request.urlopen(req, timeout=10).close()
+        except OSError as exc:
+            logger.info("could not shut down the server's weight-transfer engine: %s", exc)
+        self._close_channel()
+
+
+def transport_name(cfg: RolloutConfig, local_server: bool) -> str:
+    """``rollout.weight_sync.transport`` with ``auto`` resolved.
+
+    ``auto``: ``shm_reload`` when the trainer starts the server on its own machine, otherwise
+    ``nccl`` on a CUDA machine and ``gloo`` elsewhere.
+    """
+    name = cfg.weight_sync.transport
+    if name != "auto":
+        return name
+    if local_server:
+        return "shm_reload"
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def engine_backend(cfg: RolloutConfig, local_server: bool) -> str | None:
+    """The weight-transfer engine the server must be started with (None: the transport needs none)."""
+    name = transport_name(cfg, local_server)
+    return name if name in CHANNELS else None
+
+
+def build_transport(cfg: RolloutConfig, client: RolloutClient, local_server: bool) -> WeightTransport:
+    """The recipe's weight transport for ``client``'s server (``local_server``: started by this process)."""
+    name = transport_name(cfg, local_server)
+    if name == "shm_reload":
+        return SharedMemoryReloadTransport.from_config(cfg.weight_sync, client)
+    return EngineTransport.from_config(cfg.weight_sync, client, backend=name)
 
 
 class WeightSynchronizer:
@@ -162,6 +309,12 @@ class WeightSynchronizer:
     def __init__(self, client: RolloutClient, transport: WeightTransport):
         self.client = client
         self.transport = transport
+
+    def close(self) -> None:
+        """Release what the transport holds (the engine transports' group with the workers)."""
+        close = getattr(self.transport, "close", None)
+        if close is not None:
+            close()
 
     async def sync(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int | None = None) -> int:
         """Push the weights; returns the new policy version (default: current + 1).

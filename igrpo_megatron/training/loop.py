@@ -131,18 +131,20 @@ class RLTrainer:
     def _setup_sidecar(self) -> None:
         from igrpo_megatron.rollout.client import BlockingRolloutClient, RolloutClient
         from igrpo_megatron.rollout.server import RolloutServer
-        from igrpo_megatron.rollout.weight_sync import SharedMemoryReloadTransport, WeightSynchronizer
+        from igrpo_megatron.rollout.weight_sync import WeightSynchronizer, build_transport, engine_backend
 
         cfg = self.recipe.rollout
         model_path = cfg.server.model_path or self.initial_weights
         if cfg.server.url is None and model_path is None:
             # A fresh random model: export it so the sidecar starts from exactly the trainer's weights.
             model_path = str(self._export_initial())
-        self.server = RolloutServer(cfg.server, model_path=model_path, log_dir=self.run_dir / "sidecar")
+        local = cfg.server.url is None  # rollout.weight_sync.transport 'auto' follows where the server runs
+        self.server = RolloutServer(cfg.server, model_path=model_path, log_dir=self.run_dir / "sidecar",
+                                    weight_transfer_backend=engine_backend(cfg, local))
         self.server.start()
         self.server.start_watchdog()
         self.client = BlockingRolloutClient(RolloutClient.from_config(cfg, self.server.url))
-        self.sync = WeightSynchronizer(self.client.client, SharedMemoryReloadTransport.from_config(cfg.weight_sync, self.client.client))
+        self.sync = WeightSynchronizer(self.client.client, build_transport(cfg, self.client.client, local))
 
     def _export_initial(self) -> Path:
         raise RuntimeError("the recipe gives no starting weights: set model.hf_path (or rollout.server.model_path), "
@@ -299,7 +301,7 @@ class RLTrainer:
 
             write_summary(self.run_dir, self.metrics.history(), self.recipe)
         # Whatever setup got as far as building, in reverse order (setup may have failed half-way).
-        for name in ("metrics", "evaluator", "rollout", "rewards", "client", "server"):
+        for name in ("metrics", "evaluator", "rollout", "rewards", "sync", "client", "server"):
             part = getattr(self, name, None)
             if part is not None:
                 try:
