@@ -2,13 +2,15 @@
 
 The reference settings of the iGRPO paper (arXiv 2602.09000) are the defaults: per-sequence token
 mean, symmetric clip 0.2, KL estimator k3 with coefficient 0, N = G = 4 against a GRPO budget of 8.
-Other members of the family are a few field changes (see ``igrpo_megatron.algorithms.LOSS_VARIANTS``).
+Other members of the family are a few field changes: :data:`LOSS_VARIANTS`, chosen by
+``algorithm.variant`` (the loader writes the fields; a field the recipe sets itself wins).
 This module only declares and validates settings; it imports nothing heavier than dataclasses.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from igrpo_megatron.config.fields import choice_errors, param
 
@@ -20,6 +22,47 @@ TIE_BREAKS = ("first", "shortest", "random")
 ALL_ZERO_POLICIES = ("keep", "skip", "no_draft")
 DRAFT_TRUNCATIONS = ("keep_tail", "keep_head")
 TRAIN_ROUNDS = ("all", "last")
+
+# Named members of the GRPO family: section -> field -> value, relative to ``algorithm``.
+# Sources: GRPO arXiv 2402.03300, Dr.GRPO 2503.20783, DAPO 2503.14476, GSPO 2507.18071.
+LOSS_VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
+    "grpo": {
+        "advantage": {"normalize_by_std": True},
+        "loss": {"ratio_level": "token", "clip_low": 0.2, "clip_high": 0.2,
+                 "aggregation": "seq_mean_token_mean"},
+    },
+    "dr_grpo": {
+        "advantage": {"normalize_by_std": False},
+        "loss": {"ratio_level": "token", "clip_low": 0.2, "clip_high": 0.2,
+                 "aggregation": "seq_mean_token_sum_norm"},
+    },
+    "dapo": {
+        "advantage": {"normalize_by_std": True},
+        "loss": {"ratio_level": "token", "clip_low": 0.2, "clip_high": 0.28, "aggregation": "token_mean"},
+    },
+    "gspo": {
+        "advantage": {"normalize_by_std": True},
+        "loss": {"ratio_level": "sequence", "clip_low": 3e-4, "clip_high": 4e-4,
+                 "aggregation": "seq_mean_token_mean"},
+    },
+}
+# Dr.GRPO's constant divisor: the rollout's maximum completion length unless the recipe sets one.
+VARIANT_LENGTH_KEY = "loss.max_length_normalizer"
+
+
+def variant_fields(name: str, max_length: int | None = None) -> dict[str, Any]:
+    """The fields variant ``name`` sets, as dotted keys below ``algorithm`` (``{"loss.clip_high": 0.28}``).
+
+    ``max_length`` fills ``loss.max_length_normalizer`` for variants that divide by it (Dr.GRPO).
+    """
+    if name not in LOSS_VARIANTS:
+        raise ValueError(f"unknown loss variant {name!r}; known: {sorted(LOSS_VARIANTS)}.")
+    out = {f"{section}.{key}": value for section, values in LOSS_VARIANTS[name].items()
+           for key, value in values.items()}
+    if max_length is not None and out.get("loss.aggregation") == "seq_mean_token_sum_norm":
+        out[VARIANT_LENGTH_KEY] = max_length
+    return out
+
 
 # Our own wording of the paper's instruction. ``{problem}`` and ``{draft}`` are filled by plain
 # string replacement (not str.format), so braces in LaTeX problems are safe.
@@ -222,6 +265,13 @@ class IGRPOConfig:
 class AlgorithmConfig:
     """Recipe section ``algorithm``: everything that turns rewards into a loss."""
 
+    variant: str | None = param(
+        None, choices=(None, *LOSS_VARIANTS),
+        help="Named loss family member: 'grpo', 'dr_grpo' (no std scaling, sum / max completion length), "
+             "'dapo' (clip-higher 0.28, token mean) or 'gspo' (sequence ratio, clips 3e-4 / 4e-4). The "
+             "loader writes its advantage.* and loss.* fields; a field set in the same recipe file, a file "
+             "that inherits it, or on the command line wins (fields set only in files it inherits from do "
+             "not). Independent of igrpo.enabled. null: the fields as written.")
     group_size: int = param(
         8, help="Completions per prompt for plain GRPO (igrpo.enabled: false); the GRPO baseline's G. "
                 "Ignored when iGRPO is on (it uses igrpo.num_drafts / num_refinements).")

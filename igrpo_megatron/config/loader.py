@@ -22,6 +22,7 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from igrpo_megatron.config.algorithm import LOSS_VARIANTS, variant_fields
 from igrpo_megatron.config.schema import RecipeConfig
 from igrpo_megatron.config.validate import MISSING_MARK, SchemaError, build_dataclass, schema_defaults
 
@@ -132,7 +133,9 @@ def compose(recipe_path: str | os.PathLike, overrides: list[str] | None = None) 
     user = OmegaConf.create({})
     origin: dict[str, str] = {}
     missing_marks: set[str] = set()
+    layers: list[str] = []  # where values come from, in precedence order (command line last)
     for path, data in _load_layers(Path(recipe_path)):
+        layers.append(str(path))
         try:
             user = OmegaConf.merge(user, OmegaConf.create(data))
         except OmegaConfBaseException as exc:
@@ -157,7 +160,35 @@ def compose(recipe_path: str | os.PathLike, overrides: list[str] | None = None) 
         key = getattr(exc, "full_key", None) or "?"
         raise RecipeError(f"{key} (from {origin.get(key, 'the schema')}): cannot resolve interpolation: "
                           f"{str(getattr(exc, 'msg', exc)).splitlines()[0]}") from None
+    _apply_variant(resolved, origin, [*layers, COMMAND_LINE])
     return resolved, origin
+
+
+VARIANT_KEY = "algorithm.variant"
+
+
+def _apply_variant(resolved: dict[str, Any], origin: dict[str, str], layers: list[str]) -> None:
+    """Write ``algorithm.variant``'s fields into ``resolved``, except those the recipe sets itself.
+
+    A field set in the file that names the variant, in a file inheriting from it, or on the command
+    line wins; one set only in a file the variant's file inherits from (or nowhere) takes the
+    variant's value, so ``variant: dapo`` over a base that spells out GRPO's clips gives DAPO's.
+    """
+    algo = resolved.get("algorithm")
+    name = algo.get("variant") if isinstance(algo, dict) else None
+    if name not in LOSS_VARIANTS:
+        return  # null, or a name the schema check reports
+    rank = {where: i for i, where in enumerate(layers)}
+    variant_from = origin.get(VARIANT_KEY, "the schema")
+    at = rank.get(variant_from, -1)
+    max_tokens = resolved.get("rollout", {}).get("sampling", {}).get("max_tokens")
+    for dotted, value in variant_fields(name, max_length=max_tokens).items():
+        key = f"algorithm.{dotted}"
+        if key in origin and rank.get(origin[key], -1) >= at:
+            continue
+        section, field = dotted.split(".")
+        algo.setdefault(section, {})[field] = value
+        origin[key] = f"{variant_from} ({VARIANT_KEY}={name})"
 
 
 def _track_missing(marks: set[str], key: str, value: Any) -> None:

@@ -112,6 +112,10 @@ class ClusterConfig:
     nodes: int = param(1, help="Trainer nodes.")
     gpus_per_node: int = param(8, help="GPUs (ranks) per trainer node. On CPU: ranks per machine.")
     rollout_nodes: int = param(0, help="Nodes for the vLLM sidecar group (0: share the trainer's node).")
+    gpu_memory_gb: float | None = param(
+        None, help="Memory of one GPU in GiB (80 for H100 80GB, 141 for H200). `igrpo plan` and the start of "
+                   "training refuse a recipe whose estimated trainer or sidecar memory per GPU exceeds it. "
+                   "null: no GPU (CPU runs) or unknown; the fit is not checked.")
     partition: str | None = param(None, help="Slurm partition; null: the cluster default.")
     account: str | None = param(None, help="Slurm account; null: none.")
     time_limit: str = param("04:00:00", help="Slurm time limit per job (requeued jobs resume).")

@@ -153,6 +153,7 @@ def test_resolved_recipe_is_written_atomically(chain, tmp_path):
 
 
 REQUIRED = ["model.hf_path=/ckpt/model", "data.train_path=/data/train.jsonl"]
+JUDGE_URL = "reward.judge.url=http://judge:8001"  # the judge recipe names no judge server of its own
 
 
 @pytest.mark.parametrize("recipe", sorted(p.relative_to(RECIPES).as_posix() for p in RECIPES.glob("*.yaml")))
@@ -162,7 +163,7 @@ def test_every_shipped_recipe_validates(recipe):
     except RecipeError as exc:
         # Recipes for real checkpoints mark the checkpoint and data paths ??? on purpose.
         assert "required value is missing" in str(exc), exc
-        r = load_recipe(RECIPES / recipe, REQUIRED)
+        r = load_recipe(RECIPES / recipe, REQUIRED + ([JUDGE_URL] if "judge" in recipe else []))
     assert r.run.name
     text = (RECIPES / recipe).read_text()
     assert text.startswith("#"), f"{recipe} must open with a header comment (launch command, hardware)"
