@@ -23,6 +23,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from igrpo_megatron.config.algorithm import LOSS_VARIANTS, variant_fields
+from igrpo_megatron.config.errors import UserError
 from igrpo_megatron.config.schema import RecipeConfig
 from igrpo_megatron.config.validate import MISSING_MARK, SchemaError, build_dataclass, schema_defaults
 
@@ -32,7 +33,7 @@ COMMAND_LINE = "command line"
 DEFAULTS_KEY = "defaults"
 
 
-class RecipeError(ValueError):
+class RecipeError(UserError, ValueError):
     """A recipe could not be loaded; the message lists every problem with its key and file."""
 
 

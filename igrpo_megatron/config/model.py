@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from igrpo_megatron.config.fields import param
 
 ARCHITECTURES = ("qwen2", "nemotron_h")
+HYBRID_LAYER_SYMBOLS = {"M": "Mamba2", "*": "attention", "-": "MLP"}  # model.hybrid_pattern's letters
+HYBRID_PIPE = "|"  # a pipeline-stage boundary in model.hybrid_pattern (megatron-core >= 0.17)
 
 
 @dataclass

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from igrpo_megatron.config.algorithm import AlgorithmConfig
 from igrpo_megatron.config.evaluation import EvaluationConfig
 from igrpo_megatron.config.fields import param
+from igrpo_megatron.config.layout import layout_errors
 from igrpo_megatron.config.model import ModelConfig, ParallelConfig
 from igrpo_megatron.config.reward import RewardConfig
 from igrpo_megatron.config.rollout import RolloutConfig
@@ -37,6 +38,13 @@ class RunConfig:
     tags: dict[str, str] = param(default_factory=dict, help="Free-form labels copied into metrics and "
                                                             "summaries (add with +run.tags.KEY=VALUE).")
 
+    def errors(self, prefix: str = "run") -> list[str]:
+        """Every rule this section breaks (empty when valid)."""
+        errs = [] if self.name.strip() else [f"{prefix}.name is empty: the run directory is <output_dir>/<name>."]
+        if self.cpu_threads is not None and self.cpu_threads < 1:
+            errs.append(f"{prefix}.cpu_threads = {self.cpu_threads}: must be >= 1, or null for torch's default.")
+        return errs
+
 
 @dataclass
 class RecipeConfig:
@@ -56,3 +64,7 @@ class RecipeConfig:
     checkpoint: CheckpointConfig = param(default_factory=CheckpointConfig, help="Saving and resuming.")
     logging: LoggingConfig = param(default_factory=LoggingConfig, help="Metrics and log output.")
     cluster: ClusterConfig = param(default_factory=ClusterConfig, help="Nodes and Slurm settings.")
+
+    def errors(self) -> list[str]:
+        """Rules that span sections: the parallel layout must fit the model (see config/layout.py)."""
+        return layout_errors(self.model, self.parallel)

@@ -21,6 +21,17 @@ class OptimizerConfig:
     adam_eps: float = param(1e-8, help="Adam epsilon.")
     clip_grad: float = param(1.0, help="Clip the global gradient norm to this value. 0 disables clipping.")
 
+    def errors(self, prefix: str = "optimizer") -> list[str]:
+        """Every rule this section breaks, each naming the key (empty when valid)."""
+        errs = _at_least(self, prefix, 0.0, "lr", "weight_decay", "clip_grad", "adam_eps")
+        for key in ("min_lr_ratio", "warmup_fraction"):
+            if not 0 <= getattr(self, key) <= 1:
+                errs.append(f"{prefix}.{key} = {getattr(self, key)}: must be in [0, 1].")
+        for key in ("adam_beta1", "adam_beta2"):
+            if not 0 <= getattr(self, key) < 1:
+                errs.append(f"{prefix}.{key} = {getattr(self, key)}: must be in [0, 1).")
+        return errs
+
 
 @dataclass
 class WarmStartConfig:
@@ -35,6 +46,16 @@ class WarmStartConfig:
     refinement_fraction: float = param(0.0, help="Share of warm-start examples shown as draft-conditioned "
                                                  "prompts (a draft from another problem, or the right one), so a "
                                                  "random model learns to read a draft. 0: plain prompts only.")
+
+    def errors(self, prefix: str = "trainer.warmstart") -> list[str]:
+        """Every rule this section breaks (checked only when the warm-start is enabled)."""
+        if not self.enabled:
+            return []
+        errs = _at_least(self, prefix, 1, "steps", "batch_size", "num_examples")
+        errs += _at_least(self, prefix, 0.0, "lr")
+        if not 0 <= self.refinement_fraction <= 1:
+            errs.append(f"{prefix}.refinement_fraction = {self.refinement_fraction}: must be in [0, 1].")
+        return errs
 
 
 @dataclass
@@ -53,6 +74,20 @@ class TrainerConfig:
                                                     "steps of this invocation; the schedule still spans num_steps. "
                                                     "For time-boxed jobs and resume tests. null: run to num_steps.")
     warmstart: WarmStartConfig = param(default_factory=WarmStartConfig, help="Supervised warm-start before RL.")
+
+    def errors(self, prefix: str = "trainer") -> list[str]:
+        """Every rule this section breaks, each naming the key and the fix (empty when valid)."""
+        errs = _at_least(self, prefix, 1, "num_steps", "prompts_per_step", "optimizer_steps_per_rollout",
+                         "micro_batch_tokens")
+        errs += _at_least(self, prefix, 0, "eval_every", "save_every")
+        if self.stop_after_steps is not None and self.stop_after_steps < 1:
+            errs.append(f"{prefix}.stop_after_steps = {self.stop_after_steps}: must be >= 1, or null to run to "
+                        f"{prefix}.num_steps.")
+        if self.optimizer_steps_per_rollout > self.prompts_per_step >= 1:
+            errs.append(f"{prefix}.optimizer_steps_per_rollout = {self.optimizer_steps_per_rollout} is more than "
+                        f"{prefix}.prompts_per_step = {self.prompts_per_step}: each optimizer step needs at least "
+                        "one prompt's group.")
+        return errs + self.warmstart.errors(f"{prefix}.warmstart")
 
 
 @dataclass
@@ -84,6 +119,17 @@ class DataConfig:
     tokenizer_path: str | None = param(None, help="Hugging Face tokenizer directory; null: the model's "
                                                   "hf_path, or the tokenizer the tiny recipe trains.")
 
+    def errors(self, prefix: str = "data") -> list[str]:
+        """Every rule this section breaks, each naming the key (empty when valid)."""
+        errs = _at_least(self, prefix, 1, "synthetic_train_size", "tokenizer_vocab_size", "max_prompt_length")
+        for key in ("problem_field", "answer_field"):
+            if not getattr(self, key).strip():
+                errs.append(f"{prefix}.{key} is empty: name the column that holds it.")
+        if self.prompt_template.count("{problem}") != 1:
+            errs.append(f"{prefix}.prompt_template must contain {{problem}} exactly once "
+                        f"(found {self.prompt_template.count('{problem}')}).")
+        return errs
+
 
 @dataclass
 class CheckpointConfig:
@@ -94,6 +140,13 @@ class CheckpointConfig:
                                      "'none': start fresh; or a path to one checkpoint.")
     keep_last: int = param(2, help="Keep this many newest checkpoints (0 keeps all).")
 
+    def errors(self, prefix: str = "checkpoint") -> list[str]:
+        """Every rule this section breaks (empty when valid)."""
+        errs = _at_least(self, prefix, 0, "keep_last")
+        if not self.resume.strip():
+            errs.append(f"{prefix}.resume is empty: use 'auto', 'none' or a checkpoint directory.")
+        return errs
+
 
 @dataclass
 class LoggingConfig:
@@ -103,6 +156,10 @@ class LoggingConfig:
     tensorboard: bool = param(True, help="Write TensorBoard event files under <run_dir>/tensorboard.")
     wandb_project: str | None = param(None, help="Weights & Biases project; null disables W&B.")
     level: str = param("INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="Python log level.")
+
+    def errors(self, prefix: str = "logging") -> list[str]:
+        """Every rule this section breaks (empty when valid)."""
+        return _at_least(self, prefix, 1, "log_every")
 
 
 @dataclass
@@ -121,3 +178,12 @@ class ClusterConfig:
     time_limit: str = param("04:00:00", help="Slurm time limit per job (requeued jobs resume).")
     container_image: str | None = param(None, help="Container image for srun --container-image; null: "
                                                    "run on the host environment.")
+
+    def errors(self, prefix: str = "cluster") -> list[str]:
+        """Every rule this section breaks (empty when valid)."""
+        return _at_least(self, prefix, 1, "nodes", "gpus_per_node") + _at_least(self, prefix, 0, "rollout_nodes")
+
+
+def _at_least(section: object, prefix: str, low: float, *keys: str) -> list[str]:
+    """One message per field of ``section`` among ``keys`` whose value is below ``low``."""
+    return [f"{prefix}.{k} = {getattr(section, k)}: must be >= {low}." for k in keys if getattr(section, k) < low]

@@ -147,6 +147,8 @@ def build_dataclass(cls: type, data: dict[str, Any], origin: dict[str, str] | No
             section = getattr(obj, f.name)
             if hasattr(section, "errors"):
                 errors.extend(_with_origin(msg, origin or {}) for msg in section.errors(f.name))
+        if hasattr(obj, "errors"):  # rules that span sections (e.g. the parallel layout against the model)
+            errors.extend(_with_origin(msg, origin or {}) for msg in obj.errors())
     if errors:
         unique = list(dict.fromkeys(errors))
         raise SchemaError("\n".join(f"  - {e}" for e in unique))

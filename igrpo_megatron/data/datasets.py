@@ -1,17 +1,18 @@
 """Prompt datasets: JSONL or Parquet files with configurable field names, and the epoch loader.
 
-Training goes on past a bad row: a row without a problem or an answer is skipped, counted and
-logged with its file and row number. A file that cannot be read at all is an error naming it.
+Training goes on past a bad row: a row that fails the shared row check (:func:`check_row`) is
+skipped, counted and logged with its file and line. A file that cannot be read at all (not UTF-8,
+invalid JSON, a line that is not an object, no rows) is a :class:`DataError` naming the file and line.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+
+from igrpo_megatron.data.rows import DataError, check_row, read_rows
 
 logger = logging.getLogger(__name__)
 
@@ -32,59 +33,32 @@ class LoadReport:
     skipped_rows: list[int] = field(default_factory=list)
 
 
-def _answer_text(value: Any) -> str | None:
-    if value is None:
-        return None
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))  # 27.0 -> "27": integer answers stored as floats (AMC)
-    text = str(value).strip()
-    return text or None
-
-
-def read_rows(path: str | Path) -> list[dict[str, Any]]:
-    """All rows of a JSONL or Parquet file as dicts (JSONL errors name the line)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: dataset file not found")
-    if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        return pq.read_table(path).to_pylist()
-    if path.suffix not in (".jsonl", ".json"):
-        raise ValueError(f"{path}: unsupported dataset format {path.suffix!r}; use .jsonl or .parquet")
-    rows = []
-    with path.open() as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}: line {lineno} is not valid JSON ({exc.msg})") from None
-    return rows
-
-
 def load_prompts(path: str | Path, problem_field: str = "problem", answer_field: str = "answer"
                  ) -> tuple[list[PromptRecord], LoadReport]:
-    """Records with a problem and an answer; rows missing either are skipped and counted."""
+    """Records with a problem and an answer; rows failing :func:`check_row` are skipped, logged and counted.
+
+    ``LoadReport.skipped_rows`` holds 1-based line (JSONL) or row (Parquet) numbers.
+    """
     report = LoadReport()
     records = []
-    for i, row in enumerate(read_rows(path)):
+    first_problem = None
+    for row in read_rows(path):
         report.rows += 1
-        problem, answer = row.get(problem_field), _answer_text(row.get(answer_field))
-        if not problem or answer is None:
+        try:
+            problem, answer = check_row(row, problem_field, answer_field)
+        except DataError as exc:
             report.skipped += 1
-            report.skipped_rows.append(i)
-            missing = problem_field if not problem else answer_field
-            logger.warning("%s: row %d has no %r; skipped", path, i, missing)
+            report.skipped_rows.append(row.number)
+            first_problem = first_problem or str(exc)
+            logger.warning("skipping a row: %s", exc)
             continue
-        records.append(PromptRecord(problem=str(problem), answer=answer, source=f"{path}:{i}"))
+        records.append(PromptRecord(problem=problem, answer=answer, source=row.where))
     if not records:
-        raise ValueError(f"{path}: no usable rows (fields {problem_field!r} and {answer_field!r}); "
-                         f"set data.problem_field / data.answer_field to the file's column names")
+        raise DataError(f"{path}: none of its {report.rows} rows is usable (fields {problem_field!r} and "
+                        f"{answer_field!r}); the first: {first_problem}. If the file names them differently, "
+                        "set data.problem_field / data.answer_field to its column names")
     if report.skipped:
-        logger.warning("%s: skipped %d of %d rows without %r or %r", path, report.skipped, report.rows,
-                       problem_field, answer_field)
+        logger.warning("%s: skipped %d of %d rows (see the warnings above)", path, report.skipped, report.rows)
     return records, report
 
 
@@ -96,7 +70,7 @@ class PromptLoader:
 
     def __init__(self, records: list[PromptRecord], batch_size: int, seed: int, shuffle: bool = True):
         if batch_size < 1 or batch_size > len(records):
-            raise ValueError(f"trainer.prompts_per_step={batch_size} must be between 1 and the dataset size "
+            raise DataError(f"trainer.prompts_per_step={batch_size} must be between 1 and the dataset size "
                              f"({len(records)})")
         self.records = records
         self.batch_size = batch_size

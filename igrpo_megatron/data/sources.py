@@ -7,6 +7,7 @@ from pathlib import Path
 
 from igrpo_megatron.config.schema import RecipeConfig
 from igrpo_megatron.data.datasets import PromptRecord, load_prompts
+from igrpo_megatron.data.rows import DataError
 from igrpo_megatron.data.synthetic import build_task
 
 logger = logging.getLogger(__name__)
@@ -21,7 +22,7 @@ def training_records(recipe: RecipeConfig) -> list[PromptRecord]:
     if d.synthetic_task:
         items = build_task(d.synthetic_task, d.synthetic_options).generate(d.synthetic_train_size, "train", seed=recipe.run.seed)
         return [PromptRecord(p.problem, p.answer, f"{d.synthetic_task}:train:{i}") for i, p in enumerate(items)]
-    raise ValueError("the recipe names no training prompts: set data.train_path (JSONL/Parquet) or "
+    raise DataError("the recipe names no training prompts: set data.train_path (JSONL/Parquet) or "
                      "data.synthetic_task (e.g. 'arithmetic')")
 
 
@@ -37,7 +38,7 @@ def ensure_tokenizer(recipe: RecipeConfig, run_dir: Path) -> Path:
     if recipe.model.hf_path:
         return Path(recipe.model.hf_path)
     if not d.synthetic_task:
-        raise ValueError("no tokenizer: set data.tokenizer_path or model.hf_path")
+        raise DataError("no tokenizer: set data.tokenizer_path or model.hf_path")
     out = run_dir / "tokenizer"
     if (out / "tokenizer.json").exists():
         return out

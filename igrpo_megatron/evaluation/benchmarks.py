@@ -14,13 +14,13 @@ becomes ``"27"`` and matches an integer prediction.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from igrpo_megatron.config.errors import UserError
 from igrpo_megatron.config.evaluation import (
     ANSWER_TYPES,
     HELDOUT_BENCHMARK,
@@ -29,6 +29,8 @@ from igrpo_megatron.config.evaluation import (
     dataset_errors,
 )
 from igrpo_megatron.config.training import DataConfig
+from igrpo_megatron.data.rows import DataError, Row, answer_text, check_row
+from igrpo_megatron.data.rows import read_rows as read_table_rows
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +38,7 @@ DATA_DIR_ENV = "IGRPO_EVAL_DATA_DIR"
 SYNTHETIC_HELDOUT_SIZE = 200  # problems generated for 'heldout' of a synthetic task (evaluation.limit overrides)
 
 
-class BenchmarkError(ValueError):
+class BenchmarkError(UserError, ValueError):
     """A benchmark could not be found or read; the message names the file, row or key and the fix."""
 
 
@@ -181,10 +183,10 @@ def load_benchmark(spec: BenchmarkSpec, data_dir: str | None = None, limit: int 
     rows = _synthetic_rows(spec, limit) if spec.synthetic_task is not None else read_rows(path)
     if not rows:
         raise BenchmarkError(f"{path}: no rows; benchmark {spec.name!r} would be empty.")
-    _check_columns(path, rows[0], spec)
+    _check_columns(path, rows[0].fields, spec)
     if limit is not None:
         rows = rows[:limit]
-    problems = [_problem(path, i, row, spec) for i, row in enumerate(rows)]
+    problems = [_problem(i, row, spec) for i, row in enumerate(rows)]
     ids = [p.id for p in problems]
     if len(set(ids)) != len(ids):
         dup = next(i for i in ids if ids.count(i) > 1)
@@ -194,22 +196,15 @@ def load_benchmark(spec: BenchmarkSpec, data_dir: str | None = None, limit: int 
     return Benchmark(spec, path, problems)
 
 
-def read_rows(path: Path) -> list[dict[str, Any]]:
+def read_rows(path: Path) -> list[Row]:
     """Rows of a JSONL or Parquet file (the data package's reader), as BenchmarkError on failure."""
-    from igrpo_megatron.data.datasets import read_rows as read_table_rows
-
     if not path.is_file():
         raise BenchmarkError(f"{path}: benchmark file not found; check the path (or evaluation.data_dir for "
                              "built-in benchmarks).")
     try:
-        rows = read_table_rows(path)
-    except (OSError, ValueError) as exc:
+        return read_table_rows(path)
+    except DataError as exc:
         raise BenchmarkError(f"cannot read benchmark file: {exc}") from None
-    for i, row in enumerate(rows):
-        if not isinstance(row, dict):
-            raise BenchmarkError(f"{path}, row {i + 1}: expected an object with named fields, got "
-                                 f"{type(row).__name__}.")
-    return rows
 
 
 def _synthetic_rows(spec: BenchmarkSpec, limit: int | None) -> list[dict[str, Any]]:
@@ -221,7 +216,9 @@ def _synthetic_rows(spec: BenchmarkSpec, limit: int | None) -> list[dict[str, An
     except ValueError as exc:
         raise BenchmarkError(f"benchmark {spec.name!r}: {exc}") from None
     items = task.generate(limit or SYNTHETIC_HELDOUT_SIZE, "heldout", spec.synthetic_seed)
-    return [{"problem": p.problem, "answer": p.answer} for p in items]
+    where = spec_path(spec, None)
+    return [Row(f"{where}, row {i}", i, {"problem": p.problem, "answer": p.answer})
+            for i, p in enumerate(items, start=1)]
 
 
 def _check_columns(path: Path, first: dict[str, Any], spec: BenchmarkSpec) -> None:
@@ -232,14 +229,14 @@ def _check_columns(path: Path, first: dict[str, Any], spec: BenchmarkSpec) -> No
                                  f"{key}); its fields are {sorted(first)}. Set {key} to the right one.")
 
 
-def _problem(path: Path, i: int, row: dict[str, Any], spec: BenchmarkSpec) -> Problem:
-    where = f"{path}, row {i + 1}"
-    text = row.get(spec.problem_field)
-    if not isinstance(text, str) or not text.strip():
-        raise BenchmarkError(f"{where}: field {spec.problem_field!r} is missing or empty; every row needs a "
-                             "problem text (fix the row, or set problem_field).")
-    gold = normalize_gold(row.get(spec.answer_field), spec.answer_type, f"{where}, field {spec.answer_field!r}")
-    pid = row.get(spec.id_field) if spec.id_field else None
+def _problem(i: int, row: Row, spec: BenchmarkSpec) -> Problem:
+    """The row as a Problem: the shared row check (data.rows), then the benchmark's answer type."""
+    try:
+        text, answer = check_row(row, spec.problem_field, spec.answer_field)
+    except DataError as exc:
+        raise BenchmarkError(str(exc)) from None
+    gold = _typed_answer(answer, spec.answer_type, f"{row.where}, field {spec.answer_field!r}")
+    pid = row.fields.get(spec.id_field) if spec.id_field else None
     return Problem(index=i, id=str(pid) if pid is not None else f"{spec.name}-{i}", problem=text, gold=gold)
 
 
@@ -247,32 +244,22 @@ _INT = re.compile(r"[+-]?\d+")
 _DECIMAL = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
 
 
-def _number_text(x: float | int) -> str:
-    """27.0 -> '27', 0.5 -> '0.5' (shortest round-trip form), 12 -> '12'."""
-    if isinstance(x, int) or x.is_integer():
-        return str(int(x))
-    return repr(float(x))
-
-
 def normalize_gold(value: Any, answer_type: str, where: str) -> str:
     """The gold answer as the string the reward compares against.
 
-    'integer' (AIME): must be a whole number; '027' and 27.0 both become '27'. 'number' (AMC):
-    any decimal; integral values lose their '.0'. 'latex' / 'auto': strings are kept as written,
-    numbers get the 'number' treatment. Missing, empty or non-scalar values raise BenchmarkError.
+    The shared check (:func:`igrpo_megatron.data.rows.answer_text`) first: missing, empty, boolean,
+    non-finite or non-scalar values raise BenchmarkError; integral numbers lose their '.0'. Then the
+    type: 'integer' (AIME) must be a whole number ('027' and 27.0 both become '27'); 'number' (AMC)
+    any decimal; 'latex' / 'auto' keep strings as written.
     """
-    if value is None or isinstance(value, bool) or (isinstance(value, str) and not value.strip()):
-        raise BenchmarkError(f"{where}: no answer (got {value!r}); every row needs a gold answer. Fix the row "
-                             "or point answer_field at the right column.")
-    if isinstance(value, (int, float)):
-        if not math.isfinite(value):
-            raise BenchmarkError(f"{where}: answer {value!r} is not a finite number.")
-        text = _number_text(value)
-    elif isinstance(value, str):
-        text = value.strip()
-    else:
-        raise BenchmarkError(f"{where}: answer must be a string or a number, got {type(value).__name__} "
-                             f"{value!r}.")
+    try:
+        text = answer_text(value, where)
+    except DataError as exc:
+        raise BenchmarkError(str(exc)) from None
+    return _typed_answer(text, answer_type, where)
+
+
+def _typed_answer(text: str, answer_type: str, where: str) -> str:
     if answer_type == "integer":
         if _INT.fullmatch(text):
             return str(int(text))
@@ -284,7 +271,7 @@ def normalize_gold(value: Any, answer_type: str, where: str) -> str:
         if not _DECIMAL.fullmatch(text):
             raise BenchmarkError(f"{where}: answer {text!r} is not a number, but this benchmark's answer_type is "
                                  "'number'; fix the row or use answer_type 'auto'.")
-        return _number_text(float(text)) if not _INT.fullmatch(text) else str(int(text))
+        return answer_text(float(text), where) if not _INT.fullmatch(text) else str(int(text))
     return text
 
 

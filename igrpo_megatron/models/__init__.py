@@ -20,12 +20,9 @@ def build_model(
     Imports are local so that importing this package costs nothing and the hybrid path can
     install its CPU kernels before Megatron's SSM modules are imported.
     """
-    tp = parallel.tensor_model_parallel_size
-    if model.vocab_size % tp:
-        raise ValueError(
-            f"model.vocab_size={model.vocab_size} does not divide by parallel.tensor_model_parallel_size={tp}; "
-            "pad the tokenizer's vocabulary (vLLM and the trainer must share one softmax) or change TP"
-        )
+    from igrpo_megatron.config.layout import check_layout
+
+    check_layout(model, parallel)  # the recipe loader checked it already; builders may be called directly
     if model.architecture == "qwen2":
         from igrpo_megatron.models.gpt import build_gpt
 

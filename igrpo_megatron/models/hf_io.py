@@ -21,6 +21,7 @@ from megatron.core import parallel_state
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from igrpo_megatron.config.errors import UserError
 from igrpo_megatron.config.model import ModelConfig
 from igrpo_megatron.models.weight_export import export_hf_weights, hf_mapping, local_params, partition_dim
 
@@ -29,7 +30,7 @@ logger = logging.getLogger(__name__)
 INDEX_NAME = "model.safetensors.index.json"
 
 
-class HFCheckpointError(ValueError):
+class HFCheckpointError(UserError, ValueError):
     """A Hugging Face checkpoint is missing, incomplete, or does not match the recipe."""
 
 

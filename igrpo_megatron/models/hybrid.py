@@ -25,53 +25,19 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from igrpo_megatron.config.model import ModelConfig, ParallelConfig
+from igrpo_megatron.config.layout import check_layout, mamba_num_heads  # noqa: F401 (re-exported)
+from igrpo_megatron.config.model import HYBRID_PIPE, ModelConfig, ParallelConfig
 from igrpo_megatron.models import compat
 from igrpo_megatron.models.capability import use_transformer_engine
 
 logger = logging.getLogger(__name__)
 
-LAYER_SYMBOLS = {"M": "Mamba2", "*": "attention", "-": "MLP"}
-PIPE = "|"
-
-
-def _pattern_layers(pattern: str) -> str:
-    return pattern.replace(PIPE, "")
-
-
-def mamba_num_heads(model: ModelConfig) -> int:
-    """Mamba2 heads: ``model.mamba_num_heads``, or Megatron's default 2 * hidden / head size."""
-    if model.mamba_num_heads is not None:
-        return model.mamba_num_heads
-    return 2 * model.hidden_size // model.mamba_head_dim
+PIPE = HYBRID_PIPE
 
 
 def check_hybrid_config(model: ModelConfig, parallel: ParallelConfig) -> None:
-    """Raise ValueError naming the key and the fix for a hybrid layout Megatron would reject."""
-    pattern = model.hybrid_pattern
-    if not pattern:
-        raise ValueError("model.hybrid_pattern is required for model.architecture=nemotron_h, "
-                         "e.g. 'M-M*-M-' ('M' Mamba2, '*' attention, '-' MLP)")
-    unknown = sorted(set(_pattern_layers(pattern)) - set(LAYER_SYMBOLS))
-    if unknown:
-        raise ValueError(f"model.hybrid_pattern={pattern!r} has unknown symbols {unknown}; "
-                         f"use only {sorted(LAYER_SYMBOLS)} (and '|' between pipeline stages)")
-    layers = len(_pattern_layers(pattern))
-    if model.num_layers != layers:
-        raise ValueError(f"model.num_layers={model.num_layers} but model.hybrid_pattern={pattern!r} has "
-                         f"{layers} layers; set model.num_layers={layers}")
-    tp = parallel.tensor_model_parallel_size
-    heads = mamba_num_heads(model)
-    groups = model.mamba_num_groups
-    if heads <= 0 or heads % groups or heads % tp or groups % tp:
-        raise ValueError(
-            f"Mamba2 heads ({heads}: model.mamba_num_heads, or 2*hidden_size/mamba_head_dim) must be a "
-            f"multiple of model.mamba_num_groups ({groups}), and both must divide by "
-            f"parallel.tensor_model_parallel_size ({tp}); change the sizes")
-    pp = parallel.pipeline_model_parallel_size
-    if pp > 1 and PIPE not in pattern and layers % pp:
-        raise ValueError(f"model.hybrid_pattern has {layers} layers, not divisible by "
-                         f"parallel.pipeline_model_parallel_size={pp}; change one, or mark stages with '|'")
+    """Raise ValueError (a LayoutError) naming the key and the fix for a layout Megatron would reject."""
+    check_layout(model, parallel)
 
 
 def _check_local_spec_limits(parallel: ParallelConfig) -> None:

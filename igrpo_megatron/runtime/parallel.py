@@ -12,6 +12,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from igrpo_megatron.config.layout import check_world_size
 from igrpo_megatron.config.model import ParallelConfig
 
 logger = logging.getLogger(__name__)
@@ -40,22 +41,8 @@ def resolve_backend(parallel: ParallelConfig) -> str:
 
 
 def check_layout(parallel: ParallelConfig, world_size: int) -> int:
-    """Return the data-parallel size, or raise naming the keys that do not fit the world size."""
-    model_parallel = (
-        parallel.tensor_model_parallel_size * parallel.pipeline_model_parallel_size * parallel.context_parallel_size
-    )
-    if model_parallel < 1 or world_size % model_parallel:
-        raise ValueError(
-            f"world size {world_size} is not divisible by parallel.tensor_model_parallel_size "
-            f"({parallel.tensor_model_parallel_size}) x parallel.pipeline_model_parallel_size "
-            f"({parallel.pipeline_model_parallel_size}) x parallel.context_parallel_size "
-            f"({parallel.context_parallel_size}); change the sizes or the number of processes"
-        )
-    if parallel.sequence_parallel and parallel.tensor_model_parallel_size == 1:
-        raise ValueError("parallel.sequence_parallel=true needs parallel.tensor_model_parallel_size > 1")
-    if parallel.virtual_pipeline_model_parallel_size is not None and parallel.pipeline_model_parallel_size < 2:
-        raise ValueError("parallel.virtual_pipeline_model_parallel_size needs pipeline_model_parallel_size >= 2")
-    return world_size // model_parallel
+    """Return the data-parallel size, or raise :class:`LayoutError` naming the keys that do not fit."""
+    return check_world_size(parallel, world_size)
 
 
 def seed_everything(seed: int) -> None:

@@ -76,8 +76,8 @@ def test_jsonl_rows_without_answer_are_skipped_and_counted(tmp_path, caplog):
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     records, report = load_prompts(path, problem_field="question", answer_field="final")
     assert [r.answer for r in records] == ["2", "27"]  # 27.0 -> "27"
-    assert (report.rows, report.skipped, report.skipped_rows) == (4, 2, [1, 2])
-    assert "row 1 has no 'final'" in caplog.text and str(path) in caplog.text
+    assert (report.rows, report.skipped, report.skipped_rows) == (4, 2, [2, 3])  # 1-based line numbers
+    assert f"{path}, line 2, field 'final': no answer" in caplog.text
 
 
 def test_parquet_and_bad_files(tmp_path):
@@ -85,11 +85,11 @@ def test_parquet_and_bad_files(tmp_path):
     records, _ = load_prompts(tmp_path / "t.parquet")
     assert [r.problem for r in records] == ["a", "b"]
     (tmp_path / "bad.jsonl").write_text('{"problem": "x", "answer": "1"}\n{not json\n')
-    with pytest.raises(ValueError, match=r"bad.jsonl: line 2 is not valid JSON"):
+    with pytest.raises(ValueError, match=r"bad.jsonl, line 2: not valid JSON"):
         load_prompts(tmp_path / "bad.jsonl")
-    with pytest.raises(ValueError, match="no usable rows"):
+    with pytest.raises(ValueError, match="none of its 2 rows is usable"):
         load_prompts(tmp_path / "t.parquet", answer_field="solution")
-    with pytest.raises(FileNotFoundError, match="dataset file not found"):
+    with pytest.raises(ValueError, match="dataset file not found"):
         load_prompts(tmp_path / "missing.jsonl")
 
 

@@ -153,7 +153,7 @@ def test_custom_jsonl_and_parquet_with_field_mapping(tmp_path):
 def test_row_without_answer_is_an_error_naming_file_and_row(tmp_path):
     path = tmp_path / "holes.jsonl"
     path.write_text(json.dumps({"problem": "a", "answer": "1"}) + "\n" + json.dumps({"problem": "b", "answer": None}) + "\n")
-    with pytest.raises(BenchmarkError, match=r"holes\.jsonl, row 2, field 'answer': no answer"):
+    with pytest.raises(BenchmarkError, match=r"holes\.jsonl, line 2, field 'answer': no answer"):
         load_benchmark(BenchmarkSpec("holes", path=str(path)))
 
 
