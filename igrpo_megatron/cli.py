@@ -81,6 +81,17 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve-rollout", help="start the vLLM rollout sidecar for a recipe and keep it up")
     _add_recipe_args(serve)
 
+    doctor = sub.add_parser("doctor", help="check this machine's stack (torch, CUDA, GPUs, TE, Megatron, Mamba "
+                                           "kernels, the sidecar's vLLM) and which path each part of a recipe takes",
+                            epilog="Exits 1 with one 'missing:' line per thing the recipe needs and this stack "
+                                   "lacks. Run it first on a new cluster.")
+    doctor.add_argument("recipe", nargs="?", help="recipe YAML file (optional: without it, the stack only)")
+    doctor.add_argument("overrides", nargs="*", help="Hydra-style overrides: a.b=1, +a.new=2, ~a.b")
+    doctor.add_argument("--no-gpu", action="store_true",
+                        help="no GPU attached (container build): check GPU packages are installed, not usable")
+    doctor.add_argument("--constraints", help="also compare installed versions with this pins file "
+                                              "(docker/constraints.txt)")
+
     data = sub.add_parser("data", help="get the public evaluation sets (AIME24/25, MATH-500, AMC23)")
     data_sub = data.add_subparsers(dest="data_command", metavar="ACTION", required=True)
     fetch = data_sub.add_parser("fetch", help="download, check and write the sets as the JSONL files the "
@@ -150,6 +161,17 @@ def _serve_rollout(args: argparse.Namespace) -> int:
     from igrpo_megatron.rollout.server import serve_from_recipe
 
     return serve_from_recipe(load_recipe(args.recipe, args.overrides))
+
+
+@command("doctor")
+def _doctor(args: argparse.Namespace) -> int:
+    from igrpo_megatron.doctor import run_doctor
+
+    lines, missing = run_doctor(args.recipe, args.overrides, no_gpu=args.no_gpu, constraints=args.constraints)
+    sys.stdout.write("".join(f"{line}\n" for line in lines))
+    sys.stdout.write("".join(f"missing: {line}\n" for line in missing))
+    sys.stdout.write("ok: this stack can run the recipe\n" if args.recipe and not missing else "")
+    return 1 if missing else 0
 
 
 @command("data")

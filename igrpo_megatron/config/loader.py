@@ -37,6 +37,14 @@ class RecipeError(UserError, ValueError):
     """A recipe could not be loaded; the message lists every problem with its key and file."""
 
 
+class MissingValuesError(RecipeError):
+    """Required values are still ``???``; ``keys`` names them (dotted)."""
+
+    def __init__(self, message: str, keys: list[str]):
+        super().__init__(message)
+        self.keys = keys
+
+
 def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
     """Leaf keys of a (nested) mapping as dotted paths."""
     out: dict[str, Any] = {}
@@ -152,9 +160,9 @@ def compose(recipe_path: str | os.PathLike, overrides: list[str] | None = None) 
     # OmegaConf never lets ??? replace a value in a merge, so ??? marks are tracked per layer.
     missing = sorted(missing_marks | set(_missing_leaves(merged)))
     if missing:
-        raise RecipeError("\n".join(
+        raise MissingValuesError("\n".join(
             f"{k}: required value is missing (marked ??? in {origin.get(k, 'the schema')}); "
-            f"set it in the recipe or on the command line as {k}=..." for k in missing))
+            f"set it in the recipe or on the command line as {k}=..." for k in missing), missing)
     try:
         resolved = OmegaConf.to_container(merged, resolve=True)
     except OmegaConfBaseException as exc:
