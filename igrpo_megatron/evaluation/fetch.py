@@ -170,14 +170,14 @@ def run_fetch_command(names: Sequence[str], to: str, base_url: str | None = None
         written = fetch_eval_sets(names, to, base_url)
     except FetchError as exc:
         logger.debug("igrpo data fetch failed", exc_info=True)
-        sys.stderr.write(f"igrpo data fetch: {exc} Nothing was written to {to}.\n")
+        sys.stderr.write(f"igrpo data fetch: {str(exc).rstrip('.')}. Nothing was written to {to}.\n")
         return 2
     folder = next(iter(written.values())).parent
     for name, path in written.items():
         out.write(f"{name:8s} {SOURCES[name].rows:4d} rows  {path}  ({SOURCES[name].license}, "
                   f"{SOURCES[name].repo}@{SOURCES[name].commit[:8]})\n")
-    out.write(f"\nThe built-in benchmarks read this folder when evaluation.data_dir points at it:\n"
-              f"  igrpo eval RECIPE evaluation.data_dir={folder}    (an override)\n"
-              f"  evaluation:\n    data_dir: {folder}                  (in the recipe)\n"
-              f"  export {DATA_DIR_ENV}={folder}     (used when evaluation.data_dir is null)\n")
+    out.write(f"\nThe built-in benchmarks read this folder once evaluation.data_dir points at it, one of:\n"
+              f"  igrpo eval RECIPE evaluation.data_dir={folder}   # an override\n"
+              f"  evaluation: {{data_dir: {folder}}}   # in the recipe YAML\n"
+              f"  export {DATA_DIR_ENV}={folder}   # read when evaluation.data_dir is null\n")
     return 0
