@@ -20,7 +20,8 @@ from igrpo_megatron.cli import main
 from igrpo_megatron.config import load_recipe
 from igrpo_megatron.config.loader import MissingValuesError
 from igrpo_megatron.doctor import Gpu, Stack, diagnose, dist_version, gpu_reasons
-from igrpo_megatron.rollout.endpoints import SIDECAR_ENDPOINTS, VllmProbe, probe_vllm
+from igrpo_megatron.rollout.endpoints import SIDECAR_ENDPOINTS, VllmProbe, probe_vllm, sidecar_python
+from igrpo_megatron.rollout.server import RolloutServer
 from tests.conftest import vllm_installed
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -204,3 +205,11 @@ def test_probe_without_vllm_says_why(tmp_path):
     assert "does not exist" in probe_vllm(str(tmp_path / "no-python")).error
     failing = probe_vllm("/bin/false")
     assert failing.version is None and "cannot import vLLM" in failing.error
+
+
+def test_doctor_probes_the_interpreter_the_sidecar_runs(monkeypatch):
+    monkeypatch.setenv("IGRPO_VLLM_PYTHON", "/opt/vllm/bin/python")
+    server = RolloutServer(load_recipe(TINY).rollout.server, model_path="/ckpt")
+    assert sidecar_python() == server.python == server.command()[0] == "/opt/vllm/bin/python"
+    monkeypatch.delenv("IGRPO_VLLM_PYTHON")
+    assert sidecar_python() == RolloutServer(load_recipe(TINY).rollout.server, model_path="/ckpt").python

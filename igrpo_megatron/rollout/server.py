@@ -15,7 +15,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 import urllib.error
@@ -24,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from igrpo_megatron.config.rollout import RolloutServerConfig
+from igrpo_megatron.rollout.endpoints import sidecar_python
 from igrpo_megatron.rollout.interfaces import SidecarError, SidecarRestartLimitError, SidecarStartError
 
 if TYPE_CHECKING:
@@ -57,7 +57,7 @@ class RolloutServer:
         log_root = log_dir if log_dir is not None else cfg.log_dir
         self.log_dir = Path(log_root) if log_root is not None else Path.cwd()
         # The container keeps vLLM in its own venv (it pins its own torch): IGRPO_VLLM_PYTHON points there.
-        self.python = python or os.environ.get("IGRPO_VLLM_PYTHON") or sys.executable
+        self.python = python or sidecar_python()
         self.restarts = 0
         self._port = cfg.port
         self._proc: subprocess.Popen | None = None
