@@ -81,6 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve-rollout", help="start the vLLM rollout sidecar for a recipe and keep it up")
     _add_recipe_args(serve)
 
+    plan = sub.add_parser("plan", help="check a recipe without GPUs (layout, files, memory per GPU) and print "
+                                       "its sizes; exit code 2 when it cannot run as planned")
+    _add_recipe_args(plan)
+
     doctor = sub.add_parser("doctor", help="check this machine's stack (torch, CUDA, GPUs, TE, Megatron, Mamba "
                                            "kernels, the sidecar's vLLM) and which path each part of a recipe takes",
                             epilog="Exits 1 with one 'missing:' line per thing the recipe needs and this stack "
@@ -153,6 +157,17 @@ def _eval(args: argparse.Namespace) -> int:
         tuple(args.compare) if args.compare else None, recipe=args.recipe, output_dir=args.output_dir,
         samples=args.samples, limit=args.limit, refine=args.refine, server_url=args.server_url,
         problem_field=args.problem_field, answer_field=args.answer_field)
+
+
+@command("plan")
+def _plan(args: argparse.Namespace) -> int:
+    from igrpo_megatron.config import load_recipe
+    from igrpo_megatron.config.plan import format_plan, make_plan
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    plan = make_plan(recipe)
+    sys.stdout.write(format_plan(plan, recipe))
+    return 2 if plan.errors else 0
 
 
 @command("serve-rollout")

@@ -20,6 +20,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from igrpo_megatron.config import load_recipe  # noqa: E402
+from igrpo_megatron.config.errors import UserError  # noqa: E402
+from igrpo_megatron.config.plan import check_plan  # noqa: E402
 
 
 def _component(nodes: int, gpus: int, cluster) -> list[str]:
@@ -35,7 +37,9 @@ def _component(nodes: int, gpus: int, cluster) -> list[str]:
 
 def sbatch_command(recipe_path: str, overrides: list[str], gpus: bool = True) -> list[str]:
     """The sbatch argv for a recipe (validated first, so a bad recipe never reaches the queue)."""
-    cluster = load_recipe(recipe_path, overrides).cluster
+    recipe = load_recipe(recipe_path, overrides)
+    check_plan(recipe)  # `igrpo plan`'s checks: a recipe that cannot start never waits in the queue
+    cluster = recipe.cluster
     per_node = cluster.gpus_per_node if gpus else 0
     if cluster.rollout_nodes > 0:
         cmd = ["sbatch", *_component(cluster.rollout_nodes, per_node, cluster), ":",
@@ -53,7 +57,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("recipe")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
-    cmd = sbatch_command(args.recipe, args.overrides, gpus=not args.no_gpus)
+    try:
+        cmd = sbatch_command(args.recipe, args.overrides, gpus=not args.no_gpus)
+    except UserError as exc:  # recipe, layout, files, memory: one message, nothing submitted
+        sys.stderr.write(f"submit.py: {exc}\n")
+        return 2
     if args.dry_run:
         print(shlex.join(cmd))
         return 0

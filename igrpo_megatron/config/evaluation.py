@@ -15,6 +15,7 @@ from igrpo_megatron.config.fields import choice_errors, param
 
 BUILTIN_BENCHMARK_NAMES = ("aime24", "aime25", "math500", "amc23")
 HELDOUT_BENCHMARK = "heldout"
+EVAL_DATA_DIR_ENV = "IGRPO_EVAL_DATA_DIR"  # where built-in files are read when evaluation.data_dir is null
 CI_METHODS = ("normal", "bootstrap")
 DRAFT_PICKS = ("majority", "first")
 REFINE_TIE_BREAKS = ("first", "shortest")

@@ -73,6 +73,7 @@ class RLTrainer:
 
     # ------------------------------------------------------------------- setup
     def setup(self) -> None:
+        self._setup_plan_checks()
         self._setup_distributed()
         self._setup_run_dir()
         self._setup_tokenizer_and_data()
@@ -81,6 +82,14 @@ class RLTrainer:
             self._setup_sidecar()
             self._setup_rollout()
         self._resume()
+
+    def _setup_plan_checks(self) -> None:
+        """`igrpo plan`'s checks (layout, files, benchmarks, memory per GPU), before anything is built."""
+        import os
+
+        from igrpo_megatron.config.plan import check_plan
+
+        check_plan(self.recipe, world_size=int(os.environ.get("WORLD_SIZE", "1")))
 
     def _setup_distributed(self) -> None:
         from igrpo_megatron.runtime.cpu_mode import enable_cpu_mode
@@ -163,7 +172,8 @@ class RLTrainer:
             self.client.client, self.fmt, self.rewards.train, r.algorithm, SamplingParams.from_config(r.rollout.sampling),
             max_prompt_length=r.data.max_prompt_length, run_seed=r.run.seed, draft_reward=self.rewards.draft)
         self.evaluator = PeriodicEvaluator(r, tokenizer=self.tokenizer, reward=self.rewards.train,
-                                           run_dir=self.run_dir, max_model_len=r.rollout.server.max_model_len)
+                                           run_dir=self.run_dir, max_model_len=r.rollout.server.max_model_len
+                                           ) if r.trainer.eval_every else None  # no hook: no benchmark files needed
         self.metrics = MetricsLogger(self.run_dir, r.logging, r.run.name)
 
     def _checkpoint_root(self) -> Path:
