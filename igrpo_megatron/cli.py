@@ -126,17 +126,17 @@ def _config(args: argparse.Namespace) -> int:
 
 @command("train")
 def _train(args: argparse.Namespace) -> int:
-    import signal
-
     from igrpo_megatron.config import load_recipe
-    from igrpo_megatron.training.loop import run_training
+    from igrpo_megatron.training.loop import PREEMPTED_EXIT_CODE, run_training
+    from igrpo_megatron.training.preemption import StopRequest
 
-    # SIGTERM (Slurm, torchrun, kill) must unwind through cleanup, which stops the vLLM sidecar: it runs
-    # in its own session and would otherwise outlive the trainer.
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-    run_dir = run_training(load_recipe(args.recipe, args.overrides))
-    logger.info("run directory: %s (summary.md, training.png, metrics.jsonl, checkpoints/)", run_dir.resolve())
-    return 0
+    recipe = load_recipe(args.recipe, args.overrides)
+    # SIGUSR1/SIGTERM/SIGHUP (Slurm, torchrun, kill): finish the step, save, stop the sidecar, exit 75.
+    with StopRequest() as stop:
+        trainer = run_training(recipe, stop)
+    logger.info("run directory: %s (summary.md, training.png, metrics.jsonl, checkpoints/)",
+                trainer.run_dir.resolve())
+    return PREEMPTED_EXIT_CODE if trainer.preempted else 0
 
 
 @command("compare")
@@ -197,13 +197,18 @@ def _data(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from igrpo_megatron.config import RecipeError
+    """Run one command. Input the user can fix (recipe, data, benchmark, layout, checkpoint, missing
+    file: any :class:`~igrpo_megatron.config.errors.UserError`) is reported as ``igrpo: <message>`` on
+    stderr with exit code 2 (the traceback with ``--log-level DEBUG``); anything else is a bug and keeps
+    its traceback."""
+    from igrpo_megatron.config.errors import UserError
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return _COMMANDS[args.command](args)
-    except RecipeError as exc:
+    except UserError as exc:
+        logger.debug("user error", exc_info=True)
         sys.stderr.write(f"igrpo: {exc}\n")
         return 2
 

@@ -59,7 +59,7 @@ def _jsonl_rows(path: Path) -> list[Row]:
             if not line.strip():
                 continue
             try:
-                value = json.loads(line)
+                value = json.loads(line.rstrip("\r\n"))
             except json.JSONDecodeError as exc:
                 raise DataError(f"{where}: not valid JSON ({exc.msg}, column {exc.colno})") from None
             rows.append(_row(where, lineno, value))

@@ -6,7 +6,11 @@
   ``--recipe`` when given, else ``recipe.yaml`` inside the directory, else the schema defaults, with
   the command-line overrides applied in every case;
 - a training checkpoint (a ``step_*`` directory with ``metadata.json``, or the checkpoints root with
-  its ``latest`` pointer): exported to HF layout first with :func:`export_megatron_checkpoint`.
+  its ``latest`` pointer): exported to HF layout with :func:`export_megatron_checkpoint`. Without
+  ``--recipe`` its settings come from the ``recipe.yaml`` inside it, else the one beside it (the run
+  directory's), else the checkpoint's own. :func:`resolve_target` only checks that the checkpoint is
+  complete; the export (minutes at 7B) happens in :func:`export_if_needed`, which ``igrpo eval``
+  calls once the benchmarks have loaded.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ class EvalTarget:
     server_url: str | None  # a running server to use instead of starting one
     tokenizer_dir: Path | None
     label: str
+    export_from: Path | None = None  # a training checkpoint still to be exported to hf_dir
 
 
 def is_megatron_checkpoint(path: Path) -> bool:
@@ -55,17 +60,39 @@ def export_megatron_checkpoint(checkpoint_dir: str | os.PathLike, recipe: Any, o
     The model is loaded at TP = PP = 1 in this process (re-sharded from whatever layout saved it) and
     written with the recipe's tokenizer, so the sidecar can serve it.
     """
-    from igrpo_megatron.training.export import export_checkpoint_to_hf, resolve_checkpoint
+    from igrpo_megatron.training.export import export_checkpoint_to_hf
 
-    try:
-        checkpoint_dir = resolve_checkpoint(checkpoint_dir)  # fail fast, before any model is built
-    except FileNotFoundError as exc:
-        raise CheckpointExportError(str(exc)) from None
+    checkpoint_dir = _resolve_checkpoint(Path(checkpoint_dir))  # fail fast, before any model is built
     tokenizer = recipe.data.tokenizer_path or recipe.model.hf_path
     try:
         return export_checkpoint_to_hf(checkpoint_dir, recipe, out_dir, tokenizer_dir=tokenizer)
     except FileNotFoundError as exc:
         raise CheckpointExportError(str(exc)) from None
+
+
+def _resolve_checkpoint(path: Path) -> Path:
+    from igrpo_megatron.training.export import resolve_checkpoint
+
+    try:
+        return resolve_checkpoint(path)
+    except (FileNotFoundError, ValueError) as exc:  # ValueError: a damaged checkpoint (CheckpointError)
+        raise CheckpointExportError(str(exc)) from None
+
+
+def _run_recipe(src: Path, checkpoint: Path | None) -> Path | None:
+    """The recipe.yaml inside ``src``, else beside it (a run's checkpoints root), else the checkpoint's own."""
+    candidates = [src / RUN_RECIPE]
+    if checkpoint is not None:
+        candidates += [src.parent / RUN_RECIPE, checkpoint / RUN_RECIPE]
+    return next((c for c in candidates if c.is_file()), None)
+
+
+def export_if_needed(target: EvalTarget) -> EvalTarget:
+    """Export the target's training checkpoint to ``hf_dir`` when it has one (the slow step; call it last)."""
+    if target.export_from is not None:
+        export_megatron_checkpoint(target.export_from, target.recipe, target.hf_dir)
+        target.export_from = None
+    return target
 
 
 def _defaults_recipe(overrides: list[str]) -> Any:
@@ -102,21 +129,23 @@ def resolve_target(recipe_or_checkpoint: str, overrides: list[str] | None = None
         return EvalTarget(recipe, hf_dir, url, _tokenizer_dir(recipe, hf_dir), recipe.run.name)
     if not src.is_dir():
         raise CheckpointExportError(f"{src}: not a recipe (.yaml) nor a checkpoint directory; check the path.")
-    if recipe_path is not None:
-        recipe = load_recipe(recipe_path, overrides)
-    elif (src / RUN_RECIPE).is_file():
-        recipe = load_recipe(src / RUN_RECIPE, overrides)
-    else:
-        recipe = _defaults_recipe(overrides)
+    checkpoint = None
     if (src / HF_CONFIG).is_file():
         hf_dir = src
     elif is_megatron_checkpoint(src):
-        hf_dir = export_megatron_checkpoint(src, recipe, export_dir or src.with_name(src.name + "-hf"))
+        checkpoint = _resolve_checkpoint(src)
+        hf_dir = Path(export_dir or src.with_name(src.name + "-hf"))
     else:
-        raise CheckpointExportError(f"{src}: neither an HF checkpoint (no {HF_CONFIG}) nor a Megatron checkpoint "
-                                    "(no metadata.json or iter_* directories); point at the checkpoint directory.")
+        raise CheckpointExportError(f"{src}: neither an HF checkpoint (no {HF_CONFIG}) nor a training checkpoint "
+                                    "(no metadata.json, step_* directories or 'latest' pointer); point at the "
+                                    "checkpoint directory.")
+    saved = _run_recipe(src, checkpoint) if recipe_path is None else Path(recipe_path)
+    if saved is not None:
+        logger.info("settings from %s", saved)
+    recipe = load_recipe(saved, overrides) if saved is not None else _defaults_recipe(overrides)
     url = recipe.rollout.server.url
-    return EvalTarget(recipe, None if url else hf_dir, url, _tokenizer_dir(recipe, hf_dir), src.name)
+    return EvalTarget(recipe, None if url else hf_dir, url, _tokenizer_dir(recipe, hf_dir), src.name,
+                      export_from=checkpoint)
 
 
 def _tokenizer_dir(recipe: Any, hf_dir: Path | None) -> Path | None:

@@ -18,10 +18,15 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, TextIO
 
-from igrpo_megatron.config import RecipeError
+from igrpo_megatron.config import RecipeError, UserError
 from igrpo_megatron.data.prompts import PromptError
 from igrpo_megatron.evaluation.benchmarks import BenchmarkError, load_benchmarks, samples_per_problem
-from igrpo_megatron.evaluation.checkpoints import CheckpointExportError, EvalTarget, resolve_target
+from igrpo_megatron.evaluation.checkpoints import (
+    CheckpointExportError,
+    EvalTarget,
+    export_if_needed,
+    resolve_target,
+)
 from igrpo_megatron.evaluation.records import EvalRun
 from igrpo_megatron.evaluation.report import (
     compare_markdown,
@@ -37,7 +42,7 @@ from igrpo_megatron.rollout.interfaces import SidecarError
 
 logger = logging.getLogger(__name__)
 
-USER_ERRORS = (RecipeError, BenchmarkError, CheckpointExportError, EvaluationError, PromptError, SidecarError,
+USER_ERRORS = (UserError, RecipeError, BenchmarkError, CheckpointExportError, EvaluationError, PromptError, SidecarError,
                FileNotFoundError, ValueError)
 
 
@@ -68,7 +73,10 @@ def run_eval_command(recipe_or_checkpoint: str | None, overrides: list[str], ben
             raise ValueError("igrpo eval needs a recipe or checkpoint directory (or --compare RUN_A RUN_B).")
         target = resolve_target(recipe_or_checkpoint, overrides, recipe_path=recipe, server_url=server_url)
         cfg = _settings(target, benchmarks, samples, limit, refine, output_dir)
-        run = _evaluate(target, cfg, problem_field, answer_field)
+        # Every benchmark loads (names, files, rows) before a training checkpoint's export, which takes minutes.
+        benches = load_benchmarks(cfg.benchmarks, cfg, target.recipe.data, problem_field=problem_field,
+                                  answer_field=answer_field, seed=target.recipe.run.seed)
+        run = _evaluate(export_if_needed(target), cfg, benches)
         folder = Path(cfg.output_dir)
         write_report(run, folder, plot=cfg.plot)
         out.write(markdown_table(run))
@@ -99,16 +107,14 @@ def _settings(target: EvalTarget, benchmarks: list[str] | None, samples: int | N
     return cfg
 
 
-def _evaluate(target: EvalTarget, cfg: Any, problem_field: str, answer_field: str) -> dict[str, Any]:
-    """Load benchmarks (all errors before anything starts), serve the model, evaluate, return the run dict."""
+def _evaluate(target: EvalTarget, cfg: Any, benches: list[Any]) -> dict[str, Any]:
+    """Serve the model, evaluate the loaded benchmarks, return the run dict."""
     from transformers import AutoTokenizer
 
     from igrpo_megatron.rollout.client import BlockingRolloutClient, RolloutClient
     from igrpo_megatron.rollout.server import RolloutServer
 
     recipe = target.recipe
-    benches = load_benchmarks(cfg.benchmarks, cfg, recipe.data, problem_field=problem_field,
-                              answer_field=answer_field, seed=recipe.run.seed)
     if target.tokenizer_dir is None:
         raise EvaluationError("no tokenizer to build prompts with: set data.tokenizer_path (or model.hf_path).")
     tokenizer = AutoTokenizer.from_pretrained(str(target.tokenizer_dir))

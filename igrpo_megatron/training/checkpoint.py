@@ -7,8 +7,10 @@ renamed into place only once complete, so a crash never leaves a half-written ch
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import pickle
 import random
 import shutil
 from pathlib import Path
@@ -17,6 +19,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, tensor_parallel
+from megatron.core.dist_checkpointing.core import CheckpointingException
+
+from igrpo_megatron.config.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -89,11 +94,20 @@ def load_model_weights(chunks: list[torch.nn.Module], directory: str | os.PathLi
 #   <root>/step_000012/trainer_state.pt   scheduler, step, data position, metrics history (rank 0)
 #   <root>/step_000012/rng/rank_00003.pt  each rank's RNG states (restored when the layout matches)
 #   <root>/step_000012/recipe.yaml        the resolved recipe
+#   <root>/step_000012/manifest.json      every file's size (see verify_checkpoint)
 #   <root>/latest                         name of the newest complete checkpoint, updated last
 # ---------------------------------------------------------------------------------------------
 
 TRAINER_STATE = "trainer_state.pt"
 LATEST = "latest"
+# Written last into a finished save: every file's size, checked (cheaply, by stat) before a load, so a
+# truncated or missing file is found before anything is built or started, naming the file. Sizes, not
+# checksums: hashing a 7B model and its optimizer on every save costs minutes.
+MANIFEST = "manifest.json"
+
+
+class CheckpointError(UserError, ValueError):
+    """A checkpoint is incomplete, damaged or cannot be loaded; the message names the file."""
 # The distributed optimizer's only format that re-shards across TP/PP as well as DP.
 _OPTIM_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
 
@@ -181,17 +195,67 @@ def is_complete(path: Path) -> bool:
             and (path / TRAINER_STATE).exists())
 
 
+def verify_checkpoint(path: str | os.PathLike) -> None:
+    """Raise :class:`CheckpointError` naming the file when ``path`` is not a complete, undamaged checkpoint.
+
+    Every file listed in the manifest must exist with the size it was saved with. (Checkpoints saved
+    before manifests existed are checked for their metadata and trainer state only.)
+    """
+    path = Path(path)
+    if not is_complete(path):
+        raise CheckpointError(f"{path} is not a complete checkpoint (missing metadata.json or {TRAINER_STATE}); "
+                              "point checkpoint.resume at another one, or use checkpoint.resume=none")
+    manifest = path / MANIFEST
+    if not manifest.exists():
+        return
+    try:
+        sizes = json.loads(manifest.read_text())["files"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{manifest}: unreadable manifest ({exc}); the checkpoint is damaged") from None
+    for name, size in sorted(sizes.items()):
+        f = path / name
+        if not f.is_file():
+            raise CheckpointError(f"{f}: missing from the checkpoint (listed in {MANIFEST}); the checkpoint is "
+                                  "damaged: resume from another one")
+        if f.stat().st_size != size:
+            raise CheckpointError(f"{f}: {f.stat().st_size} bytes, but it was saved with {size} (truncated or "
+                                  "overwritten); the checkpoint is damaged: resume from another one")
+
+
+def _write_manifest(directory: Path) -> None:
+    files = {str(p.relative_to(directory)): p.stat().st_size for p in sorted(directory.rglob("*")) if p.is_file()}
+    tmp = directory / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps({"files": files}, indent=1))
+    os.replace(tmp, directory / MANIFEST)
+
+
 def find_latest(root: str | os.PathLike) -> Path | None:
-    """The newest complete checkpoint under ``root``: the ``latest`` pointer, else a directory scan."""
+    """The newest complete, undamaged checkpoint under ``root``: the ``latest`` pointer, else a scan.
+
+    A damaged checkpoint (see :func:`verify_checkpoint`) is skipped with a warning that says which
+    one is used instead, so a requeued job resumes from the one before rather than failing forever.
+    """
     root = Path(root)
     pointer = root / LATEST
+    candidates = sorted((p for p in root.glob("step_*") if is_complete(p)), key=lambda p: p.name, reverse=True)
     if pointer.exists():
-        candidate = root / pointer.read_text().strip()
-        if is_complete(candidate):
-            return candidate
-        logger.warning("%s points at %s, which is incomplete; scanning %s", pointer, candidate, root)
-    steps = sorted((p for p in root.glob("step_*") if is_complete(p)), key=lambda p: p.name)
-    return steps[-1] if steps else None
+        named = root / pointer.read_text().strip()
+        if is_complete(named):
+            candidates = [named] + [p for p in candidates if p != named]
+        else:
+            logger.warning("%s points at %s, which is incomplete; scanning %s", pointer, named, root)
+    damaged = []
+    for candidate in candidates:
+        try:
+            verify_checkpoint(candidate)
+        except CheckpointError as exc:
+            logger.warning("skipping a damaged checkpoint: %s", exc)
+            damaged.append(candidate.name)
+            continue
+        if damaged:
+            logger.warning("resuming from %s instead of the damaged %s", candidate, ", ".join(damaged))
+        return candidate
+    return None
 
 
 def save_training_checkpoint(root: str | os.PathLike, step: int, chunks: list[torch.nn.Module], optimizer,
@@ -217,6 +281,7 @@ def save_training_checkpoint(root: str | os.PathLike, step: int, chunks: list[to
         world = dist.get_world_size() if dist.is_initialized() else 1
         torch.save({**trainer_state, "step": step, "world_size": world}, tmp / TRAINER_STATE)
         (tmp / "recipe.yaml").write_text(recipe_yaml)
+        _write_manifest(tmp)  # last: lists what the finished save holds
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -245,10 +310,16 @@ def load_training_checkpoint(path: str | os.PathLike, chunks: list[torch.nn.Modu
     from the step, so that does not change what is sampled).
     """
     path = Path(path)
-    if not is_complete(path):
-        raise FileNotFoundError(f"{path} is not a complete checkpoint (missing metadata.json or {TRAINER_STATE}); "
-                                "point checkpoint.resume at another one, or use checkpoint.resume=none")
-    state = dist_checkpointing.load(_full_sharded_state(chunks, optimizer, is_loading=True), str(path))
+    verify_checkpoint(path)
+    try:
+        state = dist_checkpointing.load(_full_sharded_state(chunks, optimizer, is_loading=True), str(path))
+        trainer_state = torch.load(path / TRAINER_STATE, weights_only=False)
+    except (OSError, EOFError, RuntimeError, ValueError, pickle.UnpicklingError, CheckpointingException) as exc:
+        logger.debug("loading %s failed", path, exc_info=True)
+        raise CheckpointError(f"{path}: cannot load it ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+                              "if the model or layout in the recipe changed, resume with the recipe that saved it "
+                              f"({path / 'recipe.yaml'}); otherwise the checkpoint is damaged: resume from another one"
+                              ) from exc
     if len(chunks) == 1:
         unwrap(chunks[0]).load_state_dict(state[_MODEL_KEY], strict=True)
     else:
@@ -260,7 +331,6 @@ def load_training_checkpoint(path: str | os.PathLike, chunks: list[torch.nn.Modu
         _tolerate_missing_step(opt)
     optimizer.load_state_dict(state["optimizer"])
     _unshare_adam_steps(optimizer)
-    trainer_state = torch.load(path / TRAINER_STATE, weights_only=False)
     world = dist.get_world_size() if dist.is_initialized() else 1
     rank = dist.get_rank() if dist.is_initialized() else 0
     rng_file = path / "rng" / f"rank_{rank:05d}.pt"

@@ -12,11 +12,12 @@ logger = logging.getLogger(__name__)
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
-    """A checkpoint directory itself, or the newest complete one under a checkpoints root."""
-    from igrpo_megatron.training.checkpoint import find_latest, is_complete
+    """A checkpoint directory itself, or the newest complete, undamaged one under a checkpoints root."""
+    from igrpo_megatron.training.checkpoint import find_latest, is_complete, verify_checkpoint
 
     path = Path(path)
     if is_complete(path):
+        verify_checkpoint(path)  # a damaged one: CheckpointError naming the file
         return path
     latest = find_latest(path)
     if latest is None:

@@ -5,6 +5,17 @@ evaluation hook and the metrics. Rank 0 turns the rollout into a :class:`TrainBa
 broadcasts it; all ranks train on it; all ranks export the new weights, which rank 0 streams into
 the sidecar. Sampling seeds depend only on (run seed, step, prompt, stage), so a resumed run
 samples what the uninterrupted run would have.
+
+Stopping on a signal (``igrpo train``; see :mod:`igrpo_megatron.training.preemption`): SIGUSR1,
+SIGTERM or SIGHUP lets the step in flight finish (all ranks agree to stop at the same step
+boundary), saves a checkpoint, stops the sidecar, writes the summary and exits with
+``PREEMPTED_EXIT_CODE`` = 75, for a job script to requeue; a second signal stops at once (exit
+128 + signal) and still stops the sidecar.
+
+A resume is checked before anything starts: ``checkpoint.resume: auto`` skips a damaged newest
+checkpoint (saying so) for the one before; an explicit damaged one is an error naming the file.
+The run's ``recipe.yaml`` and ``summary.md`` are written only by a run that got going, so a run
+that fails to resume leaves the run directory's record as it was.
 """
 
 from __future__ import annotations
@@ -23,6 +34,7 @@ from igrpo_megatron.config.loader import recipe_to_yaml, save_resolved_recipe
 from igrpo_megatron.config.schema import RecipeConfig
 from igrpo_megatron.rollout.two_stage import RolloutBatch
 from igrpo_megatron.training.batch import Sequence, TrainBatch
+from igrpo_megatron.training.preemption import PREEMPTED_EXIT_CODE, StopRequest, stop_agreed
 
 logger = logging.getLogger(__name__)
 
@@ -64,17 +76,22 @@ def _split(batch: TrainBatch, parts: int) -> list[TrainBatch]:
 class RLTrainer:
     """``setup()``, ``train()``, ``save_checkpoint()``, ``cleanup()`` — the recipe's skeleton."""
 
-    def __init__(self, recipe: RecipeConfig):
+    def __init__(self, recipe: RecipeConfig, stop: StopRequest | None = None):
         self.recipe = recipe
         self.run_dir = Path(recipe.run.output_dir) / recipe.run.name
         self.step = 0
         self.rank0 = True
         self.history: list[dict[str, Any]] = []
+        self.stop = stop  # signals caught by the caller (igrpo train); None: no signal handling
+        self.preempted = False  # stopped on a signal, after saving: the run should be requeued
+        self.resume_from: Path | None = None
+        self._started = False
 
     # ------------------------------------------------------------------- setup
     def setup(self) -> None:
         self._setup_plan_checks()
         self._setup_distributed()
+        self._choose_checkpoint()  # before anything is built or started: a damaged one fails in seconds
         self._setup_run_dir()
         self._setup_tokenizer_and_data()
         self._setup_policy()
@@ -82,6 +99,8 @@ class RLTrainer:
             self._setup_sidecar()
             self._setup_rollout()
         self._resume()
+        if self.rank0:  # only now: a run that failed to set up (or resume) must not rewrite the record
+            save_resolved_recipe(self.recipe, self.run_dir)
 
     def _setup_plan_checks(self) -> None:
         """`igrpo plan`'s checks (layout, files, benchmarks, memory per GPU), before anything is built."""
@@ -103,7 +122,6 @@ class RLTrainer:
     def _setup_run_dir(self) -> None:
         if self.rank0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            save_resolved_recipe(self.recipe, self.run_dir)
             logger.info("run directory: %s", self.run_dir.resolve())
         dist.barrier()
 
@@ -179,15 +197,28 @@ class RLTrainer:
     def _checkpoint_root(self) -> Path:
         return Path(self.recipe.checkpoint.save_dir or self.run_dir / "checkpoints")
 
-    def _resume(self) -> None:
-        from igrpo_megatron.training.checkpoint import find_latest
+    def _choose_checkpoint(self) -> None:
+        """Which checkpoint to resume from (rank 0 checks it, every rank gets its answer)."""
+        from igrpo_megatron.training.checkpoint import CheckpointError, find_latest, verify_checkpoint
 
-        mode = self.recipe.checkpoint.resume
-        path = None
-        if mode == "auto":
-            path = find_latest(self._checkpoint_root())
-        elif mode not in ("none", ""):
-            path = Path(mode)
+        choice: list[Any] = [None, None]  # [path, error message]
+        if self.rank0:
+            mode = self.recipe.checkpoint.resume
+            try:
+                if mode == "auto":
+                    choice[0] = find_latest(self._checkpoint_root())
+                elif mode != "none":
+                    verify_checkpoint(mode)
+                    choice[0] = Path(mode)
+            except CheckpointError as exc:
+                choice[1] = f"checkpoint.resume={mode}: {exc}"
+        dist.broadcast_object_list(choice, src=0)
+        if choice[1] is not None:
+            raise CheckpointError(choice[1])
+        self.resume_from = choice[0]
+
+    def _resume(self) -> None:
+        path = self.resume_from
         if path is None:
             return
         self.step, loop_state = self.policy.load(str(path))
@@ -270,12 +301,16 @@ class RLTrainer:
 
     def train(self) -> None:
         t = self.recipe.trainer
+        self._started = True
         if self.step == 0 and t.eval_every and self.rank0:
             self._log(self._evaluate())
         start = time.perf_counter()
-        first = self.step
+        first = saved = self.step
         last = t.num_steps if t.stop_after_steps is None else min(t.num_steps, first + t.stop_after_steps)
         while self.step < last:
+            if stop_agreed(self.stop):  # every rank, at the same step boundary
+                self._stop_early(saved)
+                break
             step_start = time.perf_counter()
             batch, metrics = self._rollout(self.loader.next_batch())
             metrics.update(self._train_on(batch))
@@ -288,6 +323,7 @@ class RLTrainer:
                 metrics.update(self._evaluate())
             if t.save_every and self.step % t.save_every == 0 or self.step == last:
                 self.save_checkpoint()
+                saved = self.step
             if self.rank0:
                 self._log(metrics)
                 rate = (self.step - first) / (time.perf_counter() - start)
@@ -295,6 +331,16 @@ class RLTrainer:
                             t.num_steps, metrics.get("refine/reward_mean", metrics.get("grpo/reward_mean", 0.0)),
                             metrics.get("loss", 0.0), metrics.get("entropy", 0.0), 1 / rate,
                             (t.num_steps - self.step) / rate)
+
+    def _stop_early(self, saved: int) -> None:
+        self.preempted = True
+        if self.step > saved:
+            self.save_checkpoint()
+        if self.rank0:
+            logger.warning("stopped at step %d of %d on %s; checkpoint %s; exit code %d (resume with "
+                           "checkpoint.resume=auto)", self.step, self.recipe.trainer.num_steps,
+                           self.stop.signal_name if self.stop and self.stop.requested else "another rank's signal",
+                           self._checkpoint_root(), PREEMPTED_EXIT_CODE)
 
     def _log(self, metrics: dict[str, float]) -> None:
         self.metrics.log(self.step, {**metrics, "policy_version": self.step})
@@ -306,10 +352,8 @@ class RLTrainer:
     def cleanup(self) -> None:
         from igrpo_megatron.runtime.parallel import destroy_distributed
 
-        if self.rank0 and hasattr(self, "metrics"):
-            from igrpo_megatron.training.summary import write_summary
-
-            write_summary(self.run_dir, self.metrics.history(), self.recipe)
+        if self.stop is not None:
+            self.stop.cleaning_up = True  # a further signal must not cut the sidecar's shutdown short
         # Whatever setup got as far as building, in reverse order (setup may have failed half-way).
         for name in ("metrics", "evaluator", "rollout", "rewards", "sync", "client", "server"):
             part = getattr(self, name, None)
@@ -318,16 +362,19 @@ class RLTrainer:
                     part.close()
                 except Exception:  # closing one part must not keep the others (and the sidecar) alive
                     logger.exception("closing %s failed", name)
+        if self.rank0 and self._started and hasattr(self, "metrics"):  # after the sidecar is stopped
+            from igrpo_megatron.training.summary import write_summary
+
+            write_summary(self.run_dir, self.metrics.history(), self.recipe)
         destroy_distributed()
 
 
-def run_training(recipe: RecipeConfig) -> Path:
-    """Set up, train, clean up; returns the run directory."""
-    trainer = RLTrainer(recipe)
+def run_training(recipe: RecipeConfig, stop: StopRequest | None = None) -> RLTrainer:
+    """Set up, train, clean up; returns the trainer (``run_dir``; ``preempted`` when a signal stopped it)."""
+    trainer = RLTrainer(recipe, stop)
     try:
         trainer.setup()
         trainer.train()
     finally:
-        if hasattr(trainer, "policy"):
-            trainer.cleanup()
-    return trainer.run_dir
+        trainer.cleanup()
+    return trainer

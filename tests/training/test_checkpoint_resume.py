@@ -83,13 +83,13 @@ def test_save_at_tp2_resume_at_tp1(hf_dir, tmp_path, straight):
 
 
 def test_incomplete_checkpoint_is_never_picked(tmp_path):
-    from igrpo_megatron.training.checkpoint import find_latest, load_training_checkpoint
+    from igrpo_megatron.training.checkpoint import CheckpointError, find_latest, load_training_checkpoint
 
     (tmp_path / "step_000003.tmp").mkdir()            # a save that died half-way
     (tmp_path / "step_000002").mkdir()                # a directory without its metadata
     (tmp_path / "latest").write_text("step_000003.tmp")
     assert find_latest(tmp_path) is None
-    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
+    with pytest.raises(CheckpointError, match="not a complete checkpoint"):
         load_training_checkpoint(tmp_path / "step_000002", [], None)
 
 
