@@ -35,8 +35,9 @@ class RunConfig:
     cpu_threads: int | None = param(None, help="torch intra-op threads per trainer rank when running on CPU "
                                                "(the vLLM sidecar shares the cores: 1 avoids thrashing on small "
                                                "machines). null: torch's default. Ignored with GPUs.")
-    tags: dict[str, str] = param(default_factory=dict, help="Free-form labels copied into metrics and "
-                                                            "summaries (add with +run.tags.KEY=VALUE).")
+    tags: dict[str, str] = param(default_factory=dict, help="Free-form labels, written to summary.md, to the "
+                                                            "W&B run tags and to TensorBoard (run/tags). Add with "
+                                                            "+run.tags.KEY=VALUE.")
 
     def errors(self, prefix: str = "run") -> list[str]:
         """Every rule this section breaks (empty when valid)."""

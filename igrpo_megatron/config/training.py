@@ -152,10 +152,10 @@ class CheckpointConfig:
 class LoggingConfig:
     """Where metrics go. Rank 0 writes them."""
 
-    log_every: int = param(1, help="Log a line every N steps.")
+    log_every: int = param(1, help="Print the progress line (reward, loss, entropy, time per step) every N steps and "
+                                   "at the last one; metrics.jsonl, TensorBoard and W&B still get every step.")
     tensorboard: bool = param(True, help="Write TensorBoard event files under <run_dir>/tensorboard.")
     wandb_project: str | None = param(None, help="Weights & Biases project; null disables W&B.")
-    level: str = param("INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="Python log level.")
 
     def errors(self, prefix: str = "logging") -> list[str]:
         """Every rule this section breaks (empty when valid)."""

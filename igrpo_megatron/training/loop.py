@@ -192,7 +192,7 @@ class RLTrainer:
         self.evaluator = PeriodicEvaluator(r, tokenizer=self.tokenizer, reward=self.rewards.train,
                                            run_dir=self.run_dir, max_model_len=r.rollout.server.max_model_len
                                            ) if r.trainer.eval_every else None  # no hook: no benchmark files needed
-        self.metrics = MetricsLogger(self.run_dir, r.logging, r.run.name)
+        self.metrics = MetricsLogger(self.run_dir, r.logging, r.run.name, tags=r.run.tags)
 
     def _checkpoint_root(self) -> Path:
         return Path(self.recipe.checkpoint.save_dir or self.run_dir / "checkpoints")
@@ -326,6 +326,7 @@ class RLTrainer:
                 saved = self.step
             if self.rank0:
                 self._log(metrics)
+            if self.rank0 and (self.step % self.recipe.logging.log_every == 0 or self.step == last):
                 rate = (self.step - first) / (time.perf_counter() - start)
                 logger.info("step %d/%d  reward %.3f  loss %.4f  entropy %.3f  %.1fs/step  eta %.0fs", self.step,
                             t.num_steps, metrics.get("refine/reward_mean", metrics.get("grpo/reward_mean", 0.0)),

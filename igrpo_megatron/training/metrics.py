@@ -1,4 +1,7 @@
-"""The one rank-0 metrics logger: metrics.jsonl (always), TensorBoard and W&B (when configured)."""
+"""The one rank-0 metrics logger: metrics.jsonl (always), TensorBoard and W&B (when configured).
+
+The run's ``run.tags`` become W&B run tags and a TensorBoard text entry (``run/tags``).
+"""
 
 from __future__ import annotations
 
@@ -16,7 +19,8 @@ logger = logging.getLogger(__name__)
 class MetricsLogger:
     """Appends one JSON line per step and mirrors scalars to TensorBoard / W&B."""
 
-    def __init__(self, run_dir: str | Path, cfg: LoggingConfig, run_name: str, recipe_dict: dict | None = None):
+    def __init__(self, run_dir: str | Path, cfg: LoggingConfig, run_name: str, recipe_dict: dict | None = None,
+                 tags: dict[str, str] | None = None):
         self.path = Path(run_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._tb = None
@@ -25,10 +29,13 @@ class MetricsLogger:
             from torch.utils.tensorboard import SummaryWriter
 
             self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+            if tags:
+                self._tb.add_text("run/tags", ", ".join(f"{k}={v}" for k, v in tags.items()), 0)
         if cfg.wandb_project:
             import wandb  # optional: only when the recipe asks for it
 
-            self._wandb = wandb.init(project=cfg.wandb_project, name=run_name, config=recipe_dict or {})
+            self._wandb = wandb.init(project=cfg.wandb_project, name=run_name, config=recipe_dict or {},
+                                     tags=[f"{k}={v}" for k, v in (tags or {}).items()] or None)
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         clean = {k: (float(v) if isinstance(v, (int, float)) else v) for k, v in metrics.items()}

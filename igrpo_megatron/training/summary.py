@@ -60,6 +60,7 @@ def write_summary(run_dir: Path, history: list[dict[str, Any]], recipe: RecipeCo
              f"- algorithm: {'iGRPO' if recipe.algorithm.igrpo.enabled else 'GRPO'}, "
              f"{recipe.trainer.num_steps} steps x {recipe.trainer.prompts_per_step} prompts",
              f"- model: {recipe.model.architecture}, {recipe.model.num_layers} layers, hidden {recipe.model.hidden_size}",
+             *([f"- tags: {', '.join(f'{k}={v}' for k, v in recipe.run.tags.items())}"] if recipe.run.tags else []),
              ""]
     if acc:
         ev = recipe.evaluation
