@@ -19,7 +19,7 @@ import torch
 from igrpo_megatron.cli import main
 from igrpo_megatron.config import load_recipe
 from igrpo_megatron.config.loader import MissingValuesError
-from igrpo_megatron.doctor import Gpu, Stack, diagnose, dist_version, gpu_reasons
+from igrpo_megatron.doctor import Gpu, Stack, diagnose, dist_version, gpu_reasons, pin_mismatches, read_pins
 from igrpo_megatron.rollout.endpoints import SIDECAR_ENDPOINTS, VllmProbe, probe_vllm, sidecar_python
 from igrpo_megatron.rollout.server import RolloutServer
 from tests.conftest import vllm_installed
@@ -213,3 +213,15 @@ def test_doctor_probes_the_interpreter_the_sidecar_runs(monkeypatch):
     assert sidecar_python() == server.python == server.command()[0] == "/opt/vllm/bin/python"
     monkeypatch.delenv("IGRPO_VLLM_PYTHON")
     assert sidecar_python() == RolloutServer(load_recipe(TINY).rollout.server, model_path="/ckpt").python
+
+
+def test_constraints_compared_with_the_stack():
+    pins, _ = read_pins(ROOT / "docker" / "constraints.txt")
+    pinned = replace(gpu_stack(), megatron_core=pins["megatron-core"], transformer_engine=pins["transformer-engine"],
+                     mamba_ssm=pins["mamba-ssm"], causal_conv1d=f"{pins['causal-conv1d']}+cu13",  # local tag ignored
+                     sidecar=VllmProbe("/opt/vllm/bin/python", version=pins["vllm"]))
+    assert pin_mismatches(pins, pinned, "c.txt") == []
+    drifted = replace(pinned, megatron_core="0.16.1", sidecar=VllmProbe("/opt/vllm/bin/python", error="no vllm"))
+    assert pin_mismatches(pins, drifted, "c.txt") == [
+        f"pin: megatron-core=={pins['megatron-core']} (c.txt), this Python has 0.16.1",
+        f"pin: vllm=={pins['vllm']} (c.txt), the sidecar's Python has none"]
