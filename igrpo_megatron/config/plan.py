@@ -121,10 +121,13 @@ def make_plan(recipe: RecipeConfig, world_size: int | None = None, *, check_file
                       "the CP-split sequence); set it to 1 and use TP/PP/DP.")
     longest = recipe.data.max_prompt_length + recipe.rollout.sampling.max_tokens
     tokens = max(t.micro_batch_tokens, longest)
-    per_rank = parameters_per_rank(m, p) if not errors else [0] * p.pipeline_model_parallel_size
+    sizable = not errors  # a layout that cannot work has no per-GPU sizes (and may divide by zero)
+    stages = max(p.pipeline_model_parallel_size, 1)
+    per_rank = parameters_per_rank(m, p) if sizable else [0] * stages
     reference = recipe.algorithm.loss.kl.coef > 0
     states = [state_memory(n, m.params_dtype, dp, p.use_distributed_optimizer, reference) for n in per_rank]
-    acts = {mode: activation_memory(m, p, tokens, longest, mode) for mode in RECOMPUTE_MODES}
+    acts = {mode: activation_memory(m, p, tokens, longest, mode) if sizable
+            else ActivationMemory(mode, tokens, [0] * stages) for mode in RECOMPUTE_MODES}
     plan = Plan(world_size=world, data_parallel=dp, params=count_parameters(m), params_per_rank=per_rank,
                 state_per_rank=states, activations=acts, recompute=recipe_recompute(recipe),
                 micro_batch_tokens=tokens, longest_sequence=longest, trainer_budget_gib=None,
@@ -345,7 +348,7 @@ def _sidecar_memory(recipe: RecipeConfig, plan: Plan, side: SidecarPlan) -> None
 # ------------------------------------------------------------------------------------------- memory
 def _memory_fit(recipe: RecipeConfig, plan: Plan) -> None:
     c, s = recipe.cluster, recipe.rollout.server
-    if c.gpu_memory_gb is None or plan.errors and not any(plan.params_per_rank):
+    if c.gpu_memory_gb is None or not any(plan.params_per_rank):
         return
     budget = c.gpu_memory_gb
     colocated = c.rollout_nodes == 0 and s.url is None
@@ -409,8 +412,9 @@ def _sidecar_lines(side: SidecarPlan | None, recipe: RecipeConfig) -> list[str]:
     if side is None:
         return []
     s = recipe.rollout.server
+    unit = "GPU(s)" if recipe.cluster.gpu_memory_gb is not None else "engine rank(s)"
     head = (f"sidecar: external server at {s.url}" if side.external else
-            f"sidecar: {side.gpus} GPU(s) = TP {s.tensor_parallel_size} x DP {s.data_parallel_size}, "
+            f"sidecar: {side.gpus} {unit} = TP {s.tensor_parallel_size} x DP {s.data_parallel_size}, "
             f"max_model_len {side.max_model_len}")
     if side.kv_cache_gib is None:
         extra = (f", CPU KV cache {s.kv_cache_space_gib} GiB" if s.kv_cache_space_gib and not side.external else "")

@@ -42,6 +42,7 @@ Unfused attention (``transformer_impl: local``) also keeps the a x s scores and 
   plus one layer's working set while it is recomputed.
 
 Logits (bf16, [tokens, V/TP]) and their gradient add 4 * V / TP bytes per token on the last stage.
+With FP8 (Transformer Engine) some saved inputs take 1 byte; the estimate counts bf16, an upper bound.
 With the 1F1B pipeline schedule stage i holds up to PP - i micro-batches of activations.
 These are estimates: allocator fragmentation, NCCL buffers and Transformer Engine workspaces are
 not modelled (the plan keeps a fixed reserve for them).

@@ -210,3 +210,14 @@ def test_memory_estimate_for_the_planned_nemotron_layout(stand_ins):
     assert plan.activations["full"].peak < plan.activations["none"].peak / 3
     assert plan.samples_per_step == 128 * 8 and plan.trained_sequences_per_step == 128 * 4
     assert plan.peak_gib() < 80 - 4 and st.total / GIB > 25
+
+
+def test_a_layout_that_cannot_work_exits_2_naming_the_key(capsys):
+    # Refused when the recipe loads (config/layout.py): 2 layers cannot split over 3 pipeline stages.
+    assert main(["plan", str(RECIPES / "tiny_cpu.yaml"), "parallel.pipeline_model_parallel_size=3"]) == 2
+    assert "parallel.pipeline_model_parallel_size (3)" in capsys.readouterr().err
+    # Refused by the plan: the world size (cluster.nodes x gpus_per_node) does not fit TP x PP x CP.
+    recipe = load_recipe(RECIPES / "tiny_cpu.yaml", ["parallel.tensor_model_parallel_size=2"])
+    plan = make_plan(recipe)
+    assert any("world size 1" in e for e in plan.errors), plan.errors
+    assert plan.params_per_rank == [0] and plan.trainer_budget_gib is None  # not sized
