@@ -37,7 +37,8 @@ def judge_server(tmp_path_factory):
     model_dir = build_tiny_qwen2(tmp_path_factory.mktemp("judge_qwen2"), seed=1)
     cfg = RolloutServerConfig(port=0, dtype="float32", kv_cache_space_gib=1, max_model_len=512,
                               max_restarts=0, start_timeout_s=240.0, health_poll_interval_s=0.5,
-                              served_model_name="tiny-judge")
+                              served_model_name="tiny-judge",
+                              enforce_eager=True)  # no torch.compile: starts in time on 2 busy cores
     server = RolloutServer(cfg, model_path=model_dir, log_dir=tmp_path_factory.mktemp("judge_vllm_logs"))
     server.start()
     yield server
