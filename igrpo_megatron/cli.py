@@ -175,7 +175,27 @@ def _serve_rollout(args: argparse.Namespace) -> int:
     from igrpo_megatron.config import load_recipe
     from igrpo_megatron.rollout.server import serve_from_recipe
 
-    return serve_from_recipe(load_recipe(args.recipe, args.overrides))
+    recipe = load_recipe(args.recipe, args.overrides)
+    if recipe.rollout.server.model_path is None and recipe.model.hf_path is None and recipe.trainer.warmstart.enabled:
+        recipe.rollout.server.model_path = _await_warmstart(recipe)
+    return serve_from_recipe(recipe)
+
+
+def _await_warmstart(recipe) -> str:
+    """The sidecar of a recipe whose trainer warm-starts (the tiny recipe on Slurm) serves the weights
+    the trainer writes: wait for them. The trainer renames a finished warm-start into place, so its
+    config.json means complete. No limit here: the job script stops this step if the trainer fails."""
+    import time
+    from pathlib import Path
+
+    from igrpo_megatron.training.warmstart import DONE_MARK
+
+    path = Path(recipe.run.output_dir) / recipe.run.name / "warmstart"
+    if not (path / DONE_MARK).exists():
+        logger.info("waiting for the trainer's warm-start at %s", path)
+    while not (path / DONE_MARK).exists():
+        time.sleep(2.0)
+    return str(path)
 
 
 @command("doctor")
