@@ -23,6 +23,7 @@ from typing import Any
 from igrpo_megatron.config.errors import UserError
 from igrpo_megatron.config.evaluation import (
     ANSWER_TYPES,
+    EVAL_DATA_DIR_ENV,
     HELDOUT_BENCHMARK,
     TABLE_SUFFIXES,
     EvaluationConfig,
@@ -34,7 +35,7 @@ from igrpo_megatron.data.rows import read_rows as read_table_rows
 
 logger = logging.getLogger(__name__)
 
-DATA_DIR_ENV = "IGRPO_EVAL_DATA_DIR"
+DATA_DIR_ENV = EVAL_DATA_DIR_ENV  # one name, shared with `igrpo plan`'s check
 SYNTHETIC_HELDOUT_SIZE = 200  # problems generated for 'heldout' of a synthetic task (evaluation.limit overrides)
 
 
