@@ -5,7 +5,15 @@ log-prob of each (``logprobs=0`` + ``return_token_ids``), so the trainer scores 
 sampled. Every result carries the policy version that served it: a weight update (see
 ``weight_update()``) holds back new requests and waits for running ones, so no request spans two
 versions. Transient failures are retried with back-off; when the server stays unreachable the
-batch raises ``SidecarUnavailableError`` listing what completed and what did not.
+batch raises ``SidecarUnavailableError`` listing what completed and what did not. ``counters``
+counts the retries and the generations that may have run twice because of them.
+
+Idle connections are dropped after ``CLIENT_KEEPALIVE_S``, before the server closes them: vLLM's
+HTTP server closes a connection idle for ``VLLM_HTTP_TIMEOUT_KEEP_ALIVE`` seconds (5 by default;
+servers started by ``RolloutServer`` get a longer one), and a request written to a connection the
+server has just closed fails with ``ServerDisconnectedError``. That happened whenever the client's
+event loop was busy (prompt building, parsing) at the moment of the close, with aiohttp's default
+of 15 s: 9-19 retries per run of ``bench/rollout_overlap.py`` against a healthy local server.
 """
 
 from __future__ import annotations
@@ -13,8 +21,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import AsyncIterator, Awaitable, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import asdict, dataclass, field
 from typing import Any, TypeVar
 
 import aiohttp
@@ -33,9 +42,39 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+# Seconds an idle connection stays in the client's pool: below the 5 s after which vLLM's HTTP
+# server (uvicorn) closes idle connections by default, so the client never reuses one the server
+# may be closing. A new loopback or LAN connection costs far less than one generation.
+CLIENT_KEEPALIVE_S = 2.0
+GENERATE_PATH = "/v1/completions"
+
 
 class _TransientError(Exception):
-    """A failure worth retrying (connection lost, timeout, HTTP 5xx)."""
+    """A failure worth retrying (connection lost, timeout, HTTP 5xx).
+
+    ``maybe_served``: the request may have reached the server (it was written to a connection),
+    so a retried generation may be computed twice. False only when no connection was made.
+    """
+
+    def __init__(self, message: str, *, kind: str = "error", maybe_served: bool = True):
+        super().__init__(message)
+        self.kind = kind
+        self.maybe_served = maybe_served
+
+
+@dataclass
+class RequestCounters:
+    """What a ``RolloutClient`` had to resend, cumulative over its life (``client.counters``)."""
+
+    retries: int = 0  # requests sent again after a transient failure (any endpoint)
+    # Generation requests sent again after an attempt that may have reached the engine. An upper
+    # bound on duplicated work: a connection the server closed before reading the request counts
+    # too, since the client cannot tell it from one dropped mid-generation.
+    duplicate_generations: int = 0
+    errors: dict[str, int] = field(default_factory=dict)  # retried failures by error type
+
+    def as_dict(self) -> dict:
+        return asdict(self)
 
 
 class VersionUpdate:
@@ -54,13 +93,15 @@ class RolloutClient:
 
     def __init__(self, base_url: str, *, sampling: SamplingParams | None = None, max_concurrency: int = 64,
                  retry: RetryConfig | None = None, model: str | None = None, initial_version: int = 0,
-                 verify_weights: bool = True):
+                 verify_weights: bool = True, keepalive_s: float = CLIENT_KEEPALIVE_S):
         self.base_url = base_url.rstrip("/")
         self.sampling = sampling or SamplingParams()
         self.max_concurrency = max_concurrency
         self.retry = retry or RetryConfig()
         self.model = model
         self.verify_weights = verify_weights  # check /weight_info after each batch once weights were pushed
+        self.keepalive_s = keepalive_s  # keep below the server's keep-alive timeout (see CLIENT_KEEPALIVE_S)
+        self.counters = RequestCounters()
         self._version = initial_version
         self._in_flight = 0
         self._updating = False
@@ -68,6 +109,7 @@ class RolloutClient:
         self._cond: asyncio.Condition | None = None
         self._sem: asyncio.Semaphore | None = None
         self._session: aiohttp.ClientSession | None = None
+        self._tasks: set[asyncio.Task] = set()  # tasks with a request of ours under way (close() cancels them)
 
     @classmethod
     def from_config(cls, cfg: RolloutConfig, base_url: str) -> RolloutClient:
@@ -77,6 +119,11 @@ class RolloutClient:
     @property
     def policy_version(self) -> int:
         return self._version
+
+    @property
+    def in_flight(self) -> int:
+        """Generation requests admitted and not yet answered."""
+        return self._in_flight
 
     # -- generation -------------------------------------------------------------------------------
 
@@ -113,8 +160,9 @@ class RolloutClient:
         """All ``sampling.n`` samples for one prompt (token ids)."""
         params = sampling or self.sampling
         payload = self._payload(prompt, params, seed)
-        async with self._semaphore(), self._admitted() as version:
-            body = await self._request("POST", "/v1/completions", payload, self.retry.request_timeout_s)
+        with self._tracked():
+            async with self._semaphore(), self._admitted() as version:
+                body = await self._request("POST", GENERATE_PATH, payload, self.retry.request_timeout_s)
         return self._parse(list(prompt), body, version, params.logprobs)
 
     async def _check_not_restarted(self, results: list[CompletionGroup]) -> None:
@@ -246,11 +294,13 @@ class RolloutClient:
         last: Exception | None = None
         for attempt in range(1, self.retry.max_attempts + 1):
             try:
-                return await self._request_once(method, path, payload, timeout_s)
+                with self._tracked():
+                    return await self._request_once(method, path, payload, timeout_s)
             except _TransientError as exc:
                 last = exc
                 if attempt == self.retry.max_attempts:
                     break
+                self._count_retry(path, exc)
                 logger.warning("%s %s%s failed (attempt %d of %d): %s; retrying in %.1f s", method,
                                self.base_url, path, attempt, self.retry.max_attempts, exc, delay)
                 await asyncio.sleep(delay)
@@ -267,7 +317,7 @@ class RolloutClient:
                                        timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
                 text = await resp.text()
                 if resp.status >= 500:
-                    raise _TransientError(f"HTTP {resp.status}: {text[:500]}")
+                    raise _TransientError(f"HTTP {resp.status}: {text[:500]}", kind=f"HTTP {resp.status}")
                 if resp.status >= 400:
                     raise RolloutRequestError(f"{method} {self.base_url}{path} was rejected with HTTP "
                                               f"{resp.status}: {text[:2000]}")
@@ -275,18 +325,51 @@ class RolloutClient:
                     return None
                 return await resp.json(content_type=None)
         except (TimeoutError, aiohttp.ClientError, ConnectionError) as exc:
-            raise _TransientError(f"{type(exc).__name__}: {exc}") from exc
+            # Failing to connect is the one failure where the server surely never saw the request.
+            raise _TransientError(f"{type(exc).__name__}: {exc}", kind=type(exc).__name__,
+                                  maybe_served=not isinstance(exc, aiohttp.ClientConnectorError)) from exc
+
+    def _count_retry(self, path: str, exc: _TransientError) -> None:
+        c = self.counters
+        c.retries += 1
+        c.errors[exc.kind] = c.errors.get(exc.kind, 0) + 1
+        if path == GENERATE_PATH and exc.maybe_served:
+            c.duplicate_generations += 1
+
+    @contextmanager
+    def _tracked(self) -> Iterator[None]:
+        """Register the running task as having a request under way (for ``close()`` to cancel)."""
+        task = asyncio.current_task()
+        if task is None or task in self._tasks:
+            yield
+            return
+        self._tasks.add(task)
+        try:
+            yield
+        finally:
+            self._tasks.discard(task)
 
     async def _get_session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
-            connector = aiohttp.TCPConnector(limit=self.max_concurrency + 8)
+            connector = aiohttp.TCPConnector(limit=self.max_concurrency + 8, keepalive_timeout=self.keepalive_s)
             self._session = aiohttp.ClientSession(connector=connector)
         return self._session
 
     async def close(self) -> None:
+        """Cancel requests still under way (quietly: no retries, no warnings), then close the session.
+
+        A caller awaiting one of them gets ``asyncio.CancelledError``; the server sees the
+        disconnect and aborts the generation. The client can be used again afterwards.
+        """
+        others = [t for t in self._tasks if t is not asyncio.current_task() and not t.done()]
+        for task in others:
+            task.cancel()
+        if others:
+            await asyncio.gather(*others, return_exceptions=True)
         if self._session is not None:
-            await self._session.close()
-            self._session = None
+            session, self._session = self._session, None
+            await session.close()
+            await asyncio.sleep(0)  # let the transports finish closing while the loop still runs
 
     async def __aenter__(self) -> RolloutClient:
         return self
@@ -325,12 +408,23 @@ class BlockingRolloutClient:
         return self.run(self.client.health())
 
     def close(self) -> None:
+        """Stop the loop thread; work still running on it (a rollout interrupted by SIGTERM) is
+        cancelled first, so nothing is retried, warned about, or left pending on a closed loop."""
         if self._loop.is_closed():
             return
-        self.run(self.client.close())
+        self.run(self._shutdown())
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join()
         self._loop.close()
+
+    async def _shutdown(self) -> None:
+        me = asyncio.current_task()
+        while others := [t for t in asyncio.all_tasks() if t is not me]:  # cancelling may start cleanup tasks
+            for task in others:
+                task.cancel()
+            await asyncio.gather(*others, return_exceptions=True)
+        await self.client.close()
+        await self._loop.shutdown_asyncgens()
 
     def __enter__(self) -> BlockingRolloutClient:
         return self

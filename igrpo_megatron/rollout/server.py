@@ -32,6 +32,10 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 LOG_TAIL_LINES = 40
+# Seconds the server keeps an idle HTTP connection open (vLLM reads VLLM_HTTP_TIMEOUT_KEEP_ALIVE; its
+# default, 5 s, is uvicorn's). Set well above the client's CLIENT_KEEPALIVE_S, so the client always
+# drops an idle connection first and never writes a request to one the server is closing.
+SERVER_KEEPALIVE_S = 30
 
 
 class RolloutServer:
@@ -109,9 +113,10 @@ class RolloutServer:
         return cmd + _cpu_engine_args(c) + list(c.extra_args)
 
     def environment(self) -> dict[str, str]:
-        """The server's environment: ours plus dev mode (for /collective_rpc) and memory settings."""
+        """The server's environment: ours plus dev mode (for /collective_rpc), keep-alive and memory settings."""
         env = dict(os.environ)
         env["VLLM_SERVER_DEV_MODE"] = "1"
+        env["VLLM_HTTP_TIMEOUT_KEEP_ALIVE"] = str(SERVER_KEEPALIVE_S)
         if self.cfg.kv_cache_space_gib is not None:
             env["VLLM_CPU_KVCACHE_SPACE"] = f"{self.cfg.kv_cache_space_gib:g}"
         env.update(self.cfg.extra_env)

@@ -245,11 +245,16 @@ class TwoStageRollout:
 
         If any prompt fails, the others are cancelled and the first error is raised.
         """
+        before = _request_counters(self.engine)
         try:
-            return await self._run(records, step)
+            batch = await self._run(records, step)
         except BaseException:
             await self._scorer.aclose()
             raise
+        after = _request_counters(self.engine)
+        # Resent requests cost time (and maybe a second generation): against a healthy server, 0.
+        batch.metrics.update({f"rollout/{k}": float(after[k] - before[k]) for k in after})
+        return batch
 
     async def _run(self, records: Sequence[PromptRecord], step: int) -> RolloutBatch:
         out: list[Sample] = []
@@ -346,6 +351,14 @@ def _ordered_batch(samples: list[Sample], groups: list[Group]) -> RolloutBatch:
     for g in groups:
         g.members = [new_index[i] for i in g.members]
     return RolloutBatch(ordered, groups)
+
+
+def _request_counters(engine: RolloutEngine) -> dict[str, int]:
+    """The engine's cumulative retry counters (``RolloutClient.counters``); {} for engines without them."""
+    counters = getattr(engine, "counters", None)
+    if counters is None:
+        return {}
+    return {"retries": counters.retries, "duplicate_generations": counters.duplicate_generations}
 
 
 def _reward_metrics(batch: RolloutBatch) -> dict[str, float]:
