@@ -139,6 +139,10 @@ def make_plan(recipe: RecipeConfig, world_size: int | None = None, *, check_file
     if check_files:
         plan.errors += file_errors(recipe)
     plan.errors += fp8_errors(recipe, plan.warnings)
+    judged = {*recipe.reward.weights, *(recipe.reward.draft_weights or {})}
+    if "judge" in judged:
+        plan.warnings.append(f"the reward uses the generative judge at reward.judge.url = {recipe.reward.judge.url}; "
+                             "the launchers do not start it: it must be serving before the run starts.")
     plan.sidecar = _sidecar(recipe, plan)
     _memory_fit(recipe, plan)
     return plan

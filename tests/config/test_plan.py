@@ -221,3 +221,24 @@ def test_a_layout_that_cannot_work_exits_2_naming_the_key(capsys):
     plan = make_plan(recipe)
     assert any("world size 1" in e for e in plan.errors), plan.errors
     assert plan.params_per_rank == [0] and plan.trainer_budget_gib is None  # not sized
+
+
+def test_submit_runs_the_plan_before_sbatch(stand_ins):
+    import subprocess
+    import sys
+
+    submit = [sys.executable, str(RECIPES.parent / "launchers" / "submit.py"), "--dry-run"]
+    ok = subprocess.run([*submit, str(RECIPES / "r1_distill_qwen_7b_igrpo.yaml"), *stand_ins],
+                        capture_output=True, text=True, timeout=300)
+    assert ok.returncode == 0, ok.stderr
+    assert "sbatch" in ok.stdout.split()  # the command it would submit
+    bad = subprocess.run([*submit, str(RECIPES / "r1_distill_qwen_7b_igrpo.yaml"), *stand_ins[:2]],
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "sbatch" not in bad.stdout
+    assert "evaluation.data_dir" in bad.stderr
+
+
+def test_the_judge_recipe_says_the_judge_must_be_up(stand_ins):
+    plan = check_plan(load_recipe(RECIPES / "r1_distill_qwen_7b_igrpo_judge.yaml",
+                                  [*stand_ins, "reward.judge.url=http://judge:8001"]))
+    assert any("http://judge:8001" in w and "launchers do not start it" in w for w in plan.warnings)
