@@ -12,6 +12,7 @@ import atexit
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -141,7 +142,8 @@ class RolloutServer:
             self._log_file.write(f"\n=== igrpo: starting {' '.join(self.command())}\n".encode())
             self._log_file.flush()
             t0 = time.monotonic()
-            self._proc = subprocess.Popen(self.command(), stdout=self._log_file, stderr=subprocess.STDOUT,
+            self._proc = subprocess.Popen(_die_with_parent(self.command()), stdout=self._log_file,
+                                          stderr=subprocess.STDOUT,
                                           stdin=subprocess.DEVNULL, env=self.environment(),
                                           start_new_session=True)  # own process group: killpg reaches children
             logger.info("started vLLM server pid %d on %s (log: %s)", self._proc.pid, self.url, self.log_path)
@@ -343,6 +345,17 @@ def _terminate_group(proc: subprocess.Popen, grace_s: float) -> None:
         proc.wait(timeout=10)
     except subprocess.TimeoutExpired:
         logger.error("vLLM server pid %d did not exit after SIGKILL", proc.pid)
+
+
+def _die_with_parent(cmd: list[str]) -> list[str]:
+    """``cmd`` under ``setpriv --pdeathsig SIGTERM``: the server is told to stop when its starter dies,
+    even by SIGKILL, which no clean-up can catch (Linux; util-linux's setpriv). Only when started from
+    the main thread: Linux sends the signal when the *thread* that started the process ends, and the
+    watchdog's thread (which restarts a crashed server) ends before the trainer does."""
+    setpriv = shutil.which("setpriv")
+    if setpriv is None or threading.current_thread() is not threading.main_thread():
+        return cmd
+    return [setpriv, "--pdeathsig", "SIGTERM", "--", *cmd]
 
 
 def _signal_group(pgid: int, sig: int) -> None:

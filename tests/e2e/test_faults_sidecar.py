@@ -13,6 +13,7 @@ D. One ``.distcp`` file of the newest checkpoint truncated, ``checkpoint.resume=
 C. ``checkpoint.resume=auto``: the damaged checkpoint is skipped, saying so, the one before is used
    (again before the sidecar starts), and the run trains on.
 Then the checkpoints root exports with the run's recipe.yaml (igrpo eval without --recipe, item 6).
+A sidecar whose trainer is SIGKILLed: tests/rollout/test_orphan_sidecar.py.
 """
 
 from __future__ import annotations
@@ -198,3 +199,4 @@ def test_eval_of_a_checkpoints_root_uses_the_run_recipe_beside_it(state, tmp_pat
     hf = run_on_ranks(_export, 1, args=(run_dir / "checkpoints", str(tmp_path / "hf")))[0]
     # The tiny model's MLP is 384 wide; the schema default (256) is what the export used to build.
     assert hf["intermediate_size"] == 384 and hf["hidden_size"] == 128
+
