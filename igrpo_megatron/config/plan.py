@@ -86,6 +86,7 @@ class Plan:
     generated_tokens_max: int
     trained_tokens_max: int
     budget: str
+    budget_matched: bool
     sidecar: SidecarPlan | None = None
     errors: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
@@ -132,6 +133,9 @@ def make_plan(recipe: RecipeConfig, world_size: int | None = None, *, check_file
                 state_per_rank=states, activations=acts, recompute=recipe_recompute(recipe),
                 micro_batch_tokens=tokens, longest_sequence=longest, trainer_budget_gib=None,
                 errors=errors, **_rollout_numbers(recipe, longest))
+    if not plan.budget_matched:
+        plan.warnings.append(f"the GRPO and iGRPO completion budgets differ ({plan.budget}): the comparison is not "
+                             "at a matched budget (the paper's is GRPO G = N + G of iGRPO).")
     if t.micro_batch_tokens < longest:
         plan.warnings.append(f"trainer.micro_batch_tokens = {t.micro_batch_tokens} is below the longest sequence "
                              f"(data.max_prompt_length + rollout.sampling.max_tokens = {longest}); such sequences "
@@ -160,20 +164,20 @@ def check_plan(recipe: RecipeConfig, world_size: int | None = None, *, check_fil
 def _rollout_numbers(recipe: RecipeConfig, longest: int) -> dict[str, object]:
     a, prompts, max_tokens = recipe.algorithm, recipe.trainer.prompts_per_step, recipe.rollout.sampling.max_tokens
     ig = a.igrpo
-    matched = ig.completions_per_prompt()
+    igrpo_total = ig.completions_per_prompt()
     if ig.enabled:
-        per_prompt = matched
+        per_prompt, grpo_g = igrpo_total, ig.grpo_equivalent_budget
         trained = ig.num_refinements * (ig.num_rounds if ig.train_on_rounds == "all" else 1)
-        budget = (f"iGRPO N + K x G = {ig.num_drafts} + {ig.num_rounds} x {ig.num_refinements} = {matched} "
-                  f"completions per prompt; GRPO budget algorithm.igrpo.grpo_equivalent_budget = "
-                  f"{ig.grpo_equivalent_budget}: {'matched' if matched == ig.grpo_equivalent_budget else 'NOT matched'}")
+        budget = (f"iGRPO N + K x G = {ig.num_drafts} + {ig.num_rounds} x {ig.num_refinements} = {igrpo_total} "
+                  f"completions per prompt; GRPO budget algorithm.igrpo.grpo_equivalent_budget = {grpo_g}")
     else:
-        per_prompt = trained = a.group_size
-        budget = (f"GRPO G = {a.group_size} completions per prompt (algorithm.group_size); the iGRPO settings "
-                  f"beside it spend N + K x G = {matched}: {'matched' if matched == a.group_size else 'NOT matched'}")
+        per_prompt = trained = grpo_g = a.group_size
+        budget = (f"GRPO G = {grpo_g} completions per prompt (algorithm.group_size); the iGRPO settings "
+                  f"beside it (algorithm.igrpo) spend N + K x G = {igrpo_total}")
+    matched = igrpo_total == grpo_g
     return dict(samples_per_step=prompts * per_prompt, trained_sequences_per_step=prompts * trained,
-                generated_tokens_max=prompts * per_prompt * max_tokens,
-                trained_tokens_max=prompts * trained * longest, budget=budget)
+                generated_tokens_max=prompts * per_prompt * max_tokens, trained_tokens_max=prompts * trained * longest,
+                budget=f"{budget}: {'matched' if matched else 'NOT matched'}", budget_matched=matched)
 
 
 # ------------------------------------------------------------------------------------------- files

@@ -242,3 +242,11 @@ def test_the_judge_recipe_says_the_judge_must_be_up(stand_ins):
     plan = check_plan(load_recipe(RECIPES / "r1_distill_qwen_7b_igrpo_judge.yaml",
                                   [*stand_ins, "reward.judge.url=http://judge:8001"]))
     assert any("http://judge:8001" in w and "launchers do not start it" in w for w in plan.warnings)
+
+
+def test_matched_budget_check(stand_ins):
+    plan = check_plan(load_recipe(RECIPES / "r1_distill_qwen_7b_grpo.yaml", stand_ins))
+    assert plan.budget_matched and plan.budget.endswith("= 8: matched")
+    assert plan.samples_per_step == 128 * 8 == plan.trained_sequences_per_step
+    plan = check_plan(load_recipe(RECIPES / "r1_distill_qwen_7b_grpo.yaml", [*stand_ins, "algorithm.group_size=16"]))
+    assert not plan.budget_matched and any("not at a matched budget" in w for w in plan.warnings)
