@@ -77,6 +77,7 @@ class GlooWeightTransferEngine(WeightTransferEngine[GlooWorkerInitInfo, GlooUpda
         self.group: GlooGroup | None = None
 
     def init_transfer_engine(self, init_info: GlooWorkerInitInfo) -> None:
+        self.shutdown()  # a trainer that comes back (restart, resume) forms a new group
         p = self.parallel_config
         rank = p.data_parallel_index * p.world_size + p.rank + init_info.rank_offset
         logger.info("joining the trainer's gloo weight group at %s:%d as rank %d of %d", init_info.master_address,

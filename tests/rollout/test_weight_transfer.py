@@ -9,8 +9,10 @@ transport could not work.
 Tolerances: vLLM and transformers run the same fp32 weights on the same CPU with different
 kernels; log-probs of the same tokens then agree to ~1e-5 (DESIGN.md measured 3e-6), so 1e-3 is
 a wide margin that still separates them from the old weights (gaps > 1e-2). Megatron at TP=1
-and TP=2 reduces in different orders, so their exported weights, and hence the served log-probs,
-may differ in the last bits: TP=2 vs TP=1 gets 1e-4, and greedy tokens must be equal.
+and TP=2 reduces gradients in different orders, and Adam's first step (lr 5e-3, update ~lr *
+g / |g|) turns a last-bit difference in a tiny gradient into a visible one: measured 2.8e-5 on one
+element of 16k. So the TP=2 and TP=1 exports must agree to 2e-4 and their served log-probs to 1e-3,
+greedy tokens exactly; each must match transformers on its own exported tensors to 1e-3.
 """
 
 from __future__ import annotations
@@ -312,9 +314,53 @@ def test_tp2_trainer_pushes_through_gloo_like_one_rank(gloo_sidecar):
     assert set(two["weights"]) == set(one["weights"]) == set(old)
     for name, t in two["weights"].items():
         assert not torch.equal(t, old[name]), f"{name} did not change in the RL step"
-        torch.testing.assert_close(t, one["weights"][name], rtol=0, atol=1e-5)
+        torch.testing.assert_close(t, one["weights"][name], rtol=0, atol=2e-4)
     _check_serves(two["groups"], model_dir, two["weights"], old=old)
     for g1, g2 in zip(one["groups"], two["groups"], strict=True):
         c1, c2 = g1.completions[0], g2.completions[0]
         assert c2.token_ids == c1.token_ids
-        assert max(abs(x - y) for x, y in zip(c1.logprobs, c2.logprobs, strict=True)) < 1e-4
+        assert max(abs(x - y) for x, y in zip(c1.logprobs, c2.logprobs, strict=True)) < 1e-3
+
+
+_VLLM_TRAINER_SIDE = """
+import sys
+from transformers import AutoModelForCausalLM
+from vllm.distributed.weight_transfer import HTTPVLLMWeightSyncClient, ModuleSource, WeightTransferTrainerFactory
+from vllm.plugins import load_general_plugins
+
+from igrpo_megatron.rollout.vllm_gloo import GlooTrainerInitInfo
+
+load_general_plugins()  # what registers 'gloo' with the trainer factory: the entry point
+url, model_dir = sys.argv[1], sys.argv[2]
+client = HTTPVLLMWeightSyncClient(url)
+info = GlooTrainerInitInfo(master_address="127.0.0.1", num_workers=1, bucket_bytes=256 * 1024, rank=0)
+engine = WeightTransferTrainerFactory.trainer_init(info, client=client,
+                                                   source=ModuleSource(AutoModelForCausalLM.from_pretrained(model_dir)))
+engine.send_weights()
+client.shutdown_weight_transfer_engine()
+engine.shutdown()
+"""
+
+
+@pytest.mark.vllm
+def test_vllm_trainer_factory_drives_the_gloo_engine(gloo_sidecar, tmp_path):
+    """The same engine through vLLM's own trainer-side API (WeightTransferTrainerFactory + HTTP client)."""
+    import sys
+
+    model_dir = gloo_sidecar.model_dir
+    new_dir = build_tiny_qwen2(tmp_path / "c", tokenizer=model_dir, seed=4, init_std=0.05)
+    before = asyncio.run(_generate(gloo_sidecar.url))
+    done = subprocess.run([sys.executable, "-c", _VLLM_TRAINER_SIDE, gloo_sidecar.url, str(new_dir)],
+                          capture_output=True, text=True, timeout=300, cwd=Path(__file__).resolve().parents[2])
+    assert done.returncode == 0, done.stderr[-3000:]
+    after = asyncio.run(_generate(gloo_sidecar.url, reset_cache=True))
+    new = load_state_dict(new_dir)
+    _check_serves(after, model_dir, new, old=None)
+    assert [g.completions[0].token_ids for g in after] != [g.completions[0].token_ids for g in before]
+
+
+async def _generate(url: str, reset_cache: bool = False):
+    async with RolloutClient(url) as client:
+        if reset_cache:
+            await client.post("/reset_prefix_cache")
+        return await client.generate(PROMPTS, GREEDY)
