@@ -290,12 +290,15 @@ class RolloutClient:
         return await self._request("GET", path, None, timeout_s)
 
     async def _request(self, method: str, path: str, payload: dict | None, timeout_s: float) -> Any:
+        with self._tracked():  # back-off waits included: close() must not find a retry about to start
+            return await self._request_with_retries(method, path, payload, timeout_s)
+
+    async def _request_with_retries(self, method: str, path: str, payload: dict | None, timeout_s: float) -> Any:
         delay = self.retry.initial_backoff_s
         last: Exception | None = None
         for attempt in range(1, self.retry.max_attempts + 1):
             try:
-                with self._tracked():
-                    return await self._request_once(method, path, payload, timeout_s)
+                return await self._request_once(method, path, payload, timeout_s)
             except _TransientError as exc:
                 last = exc
                 if attempt == self.retry.max_attempts:
