@@ -115,7 +115,8 @@ class WeightSyncConfig:
                                 "installed, which registers the engine as a vLLM plugin). 'nccl': the same "
                                 "with vLLM's own NCCL engine (GPUs on both sides, vLLM in the trainer). 'auto': "
                                 "shm_reload when the trainer starts the server itself (rollout.server.url null), "
-                                "else nccl on a CUDA machine and gloo elsewhere.")
+                                "else nccl where CUDA and vLLM are both importable in the trainer's Python, else "
+                                "gloo.")
     master_address: str | None = param(None, help="gloo/nccl: address of the trainer that the server's workers "
                                                   "connect to (it hosts the group's TCP store). null: this "
                                                   "machine's address on the route to the server.")

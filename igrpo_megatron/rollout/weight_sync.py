@@ -13,6 +13,7 @@ streams the weights over the network through vLLM's weight-transfer engine API (
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import json
 import logging
 import os
@@ -279,14 +280,20 @@ def transport_name(cfg: RolloutConfig, local_server: bool) -> str:
     """``rollout.weight_sync.transport`` with ``auto`` resolved.
 
     ``auto``: ``shm_reload`` when the trainer starts the server on its own machine, otherwise
-    ``nccl`` on a CUDA machine and ``gloo`` elsewhere.
+    ``nccl`` where CUDA and vLLM are both importable in this Python (the trainer's side of vLLM's
+    NCCL engine needs vLLM), else ``gloo``. ``igrpo serve-rollout`` resolves it the same way, so
+    the two sides agree when they run the same environment (one container image).
     """
     name = cfg.weight_sync.transport
     if name != "auto":
         return name
     if local_server:
         return "shm_reload"
-    return "nccl" if torch.cuda.is_available() else "gloo"
+    return "nccl" if torch.cuda.is_available() and vllm_importable() else "gloo"
+
+
+def vllm_importable() -> bool:
+    return importlib.util.find_spec("vllm") is not None
 
 
 def engine_backend(cfg: RolloutConfig, local_server: bool) -> str | None:

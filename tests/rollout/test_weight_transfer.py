@@ -27,6 +27,7 @@ import pytest
 import torch
 
 from igrpo_megatron.config.rollout import RolloutConfig, WeightSyncConfig
+from igrpo_megatron.rollout import weight_sync
 from igrpo_megatron.rollout.client import RolloutClient
 from igrpo_megatron.rollout.interfaces import SamplingParams, WeightSyncError, WeightTransport
 from igrpo_megatron.rollout.server import RolloutServer, live_group_members
@@ -106,7 +107,12 @@ def test_transport_follows_where_the_server_runs(monkeypatch):
     assert engine_backend(cfg, local_server=True) is None
     assert transport_name(cfg, local_server=False) == "gloo" == engine_backend(cfg, local_server=False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(weight_sync, "vllm_importable", lambda: True)
     assert transport_name(cfg, local_server=False) == "nccl"
+    # vLLM's NCCL engine needs vLLM on the trainer's side too; a trainer without it (the container's
+    # trainer venv) and its serve-rollout twin both fall back to gloo.
+    monkeypatch.setattr(weight_sync, "vllm_importable", lambda: False)
+    assert transport_name(cfg, local_server=False) == "gloo"
     cfg.weight_sync.transport = "gloo"
     assert transport_name(cfg, local_server=True) == "gloo"  # an explicit choice wins
     client = RolloutClient("http://10.1.2.3:8000")
