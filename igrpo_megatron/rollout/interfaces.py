@@ -1,7 +1,8 @@
 """The rollout boundary: what the training loop may rely on, whatever engine produces the samples.
 
 The loop imports these types only. ``RolloutEngine`` is implemented by the vLLM HTTP client
-(``client.RolloutClient``); ``WeightTransport`` by ``weight_sync.SharedMemoryReloadTransport``.
+(``client.RolloutClient``); ``WeightTransport`` by ``weight_sync.SharedMemoryReloadTransport`` and
+``weight_sync.EngineTransport``.
 Prompts and completions are token ids: the trainer never re-tokenizes text it did not produce.
 """
 
