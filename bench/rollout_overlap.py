@@ -1,8 +1,9 @@
 """Rollout wall time of iGRPO against GRPO at a matched sampling budget, on the real vLLM sidecar.
 
-    .venv/bin/python bench/rollout_overlap.py                      # ~3 min on 2 cores (+~2 min to build the model once)
+    .venv/bin/python bench/rollout_overlap.py                      # ~10 min on 2 cores (+~2 min to build the model once)
+    .venv/bin/python bench/rollout_overlap.py --priority drafts_first refine_first  # + pipelined with vLLM priorities
     .venv/bin/python bench/rollout_overlap.py --max-num-seqs 256   # unsaturated engine: every sequence at once
-    .venv/bin/python bench/rollout_overlap.py --model /path/to/hf_dir --prompts 64 --repeats 6
+    .venv/bin/python bench/rollout_overlap.py --model /path/to/hf_dir --prompts 64 --engine-cpus 8-15
 
 Three modes over the same prompts, each one rollout step through ``TwoStageRollout`` (sampling,
 scoring with the real math+format reward, draft selection, refinement prompts):
@@ -27,11 +28,22 @@ to wait on), so the built model gets ``--sft-steps`` of supervised training on w
 2- to 8-step arithmetic problems (and on draft-conditioned prompts): it stops on its own after
 27-128 tokens, and the math reward sees well-formed answers. It is built once under ``--workdir``
 and reused. Modes alternate step by step in rotating order, so drift in machine load hits all of
-them alike; figures are sums over the timed steps, plus the median and range of per-step ratios.
-The engine's step count (from its ``/metrics``) does not depend on machine load and shows the
-barrier's bubble as extra, emptier steps. On a CPU-only machine the client (scoring, prompt
-building, HTTP) shares the cores with the engine, which a GPU node does not: on 2 busy cores the
-figures are noisy (see the per-step range and the printed load average).
+them alike; step k of every mode forms one round, and the table gives, per mode, the median over
+rounds of the ratio to GRPO's step of the same round with a 95% percentile-bootstrap interval of
+that median (10,000 resamples), and the same for pipelined against barrier. The engine's step count
+(from its ``/metrics``) does not depend on machine load and shows the barrier's bubble as extra,
+emptier steps.
+
+Cores. On a GPU node the client (scoring, prompt building, HTTP) and the engine do not compete; on
+a CPU-only machine they would, so the vLLM server's whole process group runs on ``--engine-cpus``
+(inherited affinity, plus ``VLLM_CPU_OMP_THREADS_BIND`` for vLLM's own thread pinning) and this
+process, its threads and the reward's worker processes on ``--client-cpus``; the output lists the
+cores every thread of both may use, and the load average at start and end (other processes on a
+shared machine still take their share of both).
+
+Retries. Each mode's row counts the client's retried requests, the retried generations that may have
+run twice, and the sequences the engine finished beyond the samples the step returned (a measured
+duplicate count). Against a healthy local server all three should be 0.
 Prints a table and one JSON line with every figure.
 """
 
@@ -69,6 +81,7 @@ from igrpo_megatron.rollout.server import RolloutServer  # noqa: E402
 from igrpo_megatron.rollout.two_stage import RolloutBatch, TwoStageRollout  # noqa: E402
 
 MODES = ("grpo", "igrpo_barrier", "igrpo_pipelined")
+PRIORITY_RULES = ("drafts_first", "refine_first")  # --priority: pipelined modes "igrpo_pipelined_<rule>"
 # 2 to 8 operations: worked solutions of 27 to 128 tokens, so a fine-tuned model's completions vary
 # in length (the variation that a stage barrier waits on and pipelining can fill).
 TASK = ArithmeticTask(min_steps=2, max_steps=8)
@@ -82,7 +95,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                    "Default: build a tiny Qwen2 under --workdir.")
     p.add_argument("--prompts", type=int, default=32, help="Prompts per rollout step.")
     p.add_argument("--max-tokens", type=int, default=128, help="Most completion tokens per sample.")
-    p.add_argument("--repeats", type=int, default=4, help="Timed steps per mode (after --warmup).")
+    p.add_argument("--repeats", type=int, default=8, help="Timed steps per mode (after --warmup).")
     p.add_argument("--warmup", type=int, default=1, help="Untimed steps per mode first.")
     p.add_argument("--max-num-seqs", type=int, default=32,
                    help="Sequences the engine decodes at once. Below prompts x 8, the step saturates the "
@@ -97,6 +110,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "igrpo-bench-rollout-overlap"),
                    help="Where the built model (kept and reused by later runs) and the server log go.")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--engine-cpus", help="Cores for the vLLM server's processes, e.g. '1' or '2-3'. "
+                                         "Default: the upper half of the cores this process may use.")
+    p.add_argument("--client-cpus", help="Cores for the client (HTTP, prompt building, scoring). "
+                                         "Default: the cores not given to the engine.")
+    p.add_argument("--priority", nargs="*", choices=PRIORITY_RULES, default=[],
+                   help="Start the server with --scheduling-policy priority and add, per rule, a pipelined mode "
+                        "igrpo_pipelined_<rule> whose drafts (or refinements) vLLM admits first.")
     return p.parse_args(argv)
 
 
@@ -170,8 +190,29 @@ def algorithm(mode: str) -> AlgorithmConfig:
     return alg
 
 
-async def run_step(client: RolloutClient, fmt: PromptFormatter, reward, mode: str, records: list[PromptRecord],
+class PriorityClient(RolloutClient):
+    """Tags each request with a vLLM priority by stage (``--priority``; lower runs first).
+
+    A request is a draft when its prompt is one of the plain prompts, a refinement otherwise.
+    ``rule`` is set per mode: None sends no priority (vLLM's default, 0, for every request).
+    """
+
+    def __init__(self, url: str, plain_prompts: set[tuple[int, ...]], **kwargs):
+        super().__init__(url, **kwargs)
+        self.plain = plain_prompts
+        self.rule: str | None = None
+
+    def _payload(self, prompt, params, seed):
+        payload = super()._payload(prompt, params, seed)
+        if self.rule is not None:
+            draft = tuple(prompt) in self.plain
+            payload["priority"] = 0 if draft == (self.rule == "drafts_first") else 1
+        return payload
+
+
+async def run_step(client: PriorityClient, fmt: PromptFormatter, reward, mode: str, records: list[PromptRecord],
                    sampling: SamplingParams, step: int) -> tuple[float, RolloutBatch]:
+    client.rule = next((rule for rule in PRIORITY_RULES if mode == f"igrpo_pipelined_{rule}"), None)
     runner = TwoStageRollout(client, fmt, reward, algorithm(mode), sampling, max_prompt_length=MAX_PROMPT_TOKENS,
                              run_seed=0, barrier=mode == "igrpo_barrier")
     try:
@@ -185,14 +226,17 @@ async def run_step(client: RolloutClient, fmt: PromptFormatter, reward, mode: st
 ENGINE_COUNTERS = {"vllm:iteration_tokens_total_count": "engine_steps",
                    "vllm:prompt_tokens_total": "prefill_tokens",
                    "vllm:prompt_tokens_cached_total": "cached_prompt_tokens",
-                   "vllm:generation_tokens_total": "decode_tokens"}
+                   "vllm:generation_tokens_total": "decode_tokens",
+                   "vllm:request_success_total": "engine_requests"}  # finished sequences, every reason
 
 
 def engine_counters(url: str) -> dict[str, float]:
-    """The server's cumulative step and token counters (Prometheus ``/metrics``).
+    """The server's cumulative step, token and request counters (Prometheus ``/metrics``).
 
     Engine steps do not depend on how loaded the machine is: their count shows a stage barrier's
-    bubble (steps run with idle slots) even where wall times are noisy.
+    bubble (steps run with idle slots) even where wall times are noisy. Finished requests count
+    sequences (a request for n samples is n of them), so more than the samples a step returned
+    means the engine generated some twice.
     """
     import urllib.request
 
@@ -206,82 +250,163 @@ def engine_counters(url: str) -> dict[str, float]:
     return out
 
 
-async def measure(url: str, fmt: PromptFormatter, reward, records: list[PromptRecord], sampling: SamplingParams,
-                  warmup: int, repeats: int) -> dict[str, list[dict]]:
-    """Warm-up steps, then ``repeats`` timed steps per mode; one record per timed step.
+async def measure(client: PriorityClient, fmt: PromptFormatter, reward, records: list[PromptRecord],
+                  sampling: SamplingParams, args: argparse.Namespace, modes: tuple[str, ...]) -> dict[str, list[dict]]:
+    """Warm-up steps, then ``args.repeats`` timed steps per mode; one record per timed step.
 
     Modes alternate step by step, and their order rotates, so that load from other processes on a
-    shared machine falls on every mode alike rather than always on the same one.
+    shared machine falls on every mode alike rather than always on the same one. Step k of every
+    mode belongs to the same round: the per-step ratios pair them.
     """
-    runs: dict[str, list[dict]] = {m: [] for m in MODES}
-    async with RolloutClient(url, max_concurrency=256) as client:
-        for step in range(warmup + repeats):
-            for mode in MODES[step % 3:] + MODES[:step % 3]:
-                before = await asyncio.to_thread(engine_counters, url)
-                wall, batch = await run_step(client, fmt, reward, mode, records, sampling, step)
-                after = await asyncio.to_thread(engine_counters, url)
-                lengths = [len(s.completion_ids) for s in batch.samples]
-                record = dict(wall_s=wall, tokens=batch.generated_tokens, samples=len(lengths),
-                              prompt_tokens=sum(len(s.prompt_ids) for s in batch.samples),
-                              stopped=sum(s.finish_reason == "stop" for s in batch.samples) / len(lengths),
-                              length_max=max(lengths), reward=statistics.fmean(s.reward for s in batch.samples),
-                              **{k: after[k] - before[k] for k in after})
-                timed = step >= warmup
-                print(f"  {'step' if timed else 'warm-up'} {step} {mode:16s} {wall:6.2f} s  {record['tokens']:6d} "
-                      f"tokens  {record['engine_steps']:5.0f} engine steps  EOS {record['stopped']:.0%}", flush=True)
-                if timed:
-                    runs[mode].append(record)
+    runs: dict[str, list[dict]] = {m: [] for m in modes}
+    url = client.base_url
+    for step in range(args.warmup + args.repeats):
+        for mode in modes[step % len(modes):] + modes[:step % len(modes)]:
+            before = await asyncio.to_thread(engine_counters, url)
+            wall, batch = await run_step(client, fmt, reward, mode, records, sampling, step)
+            after = await asyncio.to_thread(engine_counters, url)
+            lengths = [len(s.completion_ids) for s in batch.samples]
+            record = dict(wall_s=wall, tokens=batch.generated_tokens, samples=len(lengths),
+                          prompt_tokens=sum(len(s.prompt_ids) for s in batch.samples),
+                          stopped=sum(s.finish_reason == "stop" for s in batch.samples) / len(lengths),
+                          length_max=max(lengths), reward=statistics.fmean(s.reward for s in batch.samples),
+                          retries=batch.metrics["rollout/retries"],
+                          duplicate_generations=batch.metrics["rollout/duplicate_generations"],
+                          **{k: after[k] - before[k] for k in after})
+            record["engine_duplicates"] = record["engine_requests"] - record["samples"]
+            timed = step >= args.warmup
+            print(f"  {'step' if timed else 'warm-up'} {step} {mode:28s} {wall:6.2f} s  {record['tokens']:6d} "
+                  f"tokens  {record['engine_steps']:5.0f} engine steps  EOS {record['stopped']:.0%}  "
+                  f"retries {record['retries']:.0f}", flush=True)
+            if timed:
+                runs[mode].append(record)
     return runs
 
 
-# ----------------------------------------------------------------------------------- reporting
+# ----------------------------------------------------------------------------------- statistics
+def median_interval(values: list[float], level: float = 0.95, resamples: int = 10_000,
+                    seed: int = 0) -> tuple[float, float, float]:
+    """The median and a percentile-bootstrap ``level`` interval of it (``resamples`` resamples)."""
+    rng = random.Random(seed)
+    medians = sorted(statistics.median(rng.choices(values, k=len(values))) for _ in range(resamples))
+    tail = (1 - level) / 2
+    return statistics.median(values), medians[int(tail * resamples)], medians[int((1 - tail) * resamples) - 1]
+
+
+def per_step(runs: dict[str, list[dict]], mode: str, base: str, per_token: bool) -> list[float]:
+    """Per-round ratios of ``mode`` to ``base``: wall time, or wall time per generated token."""
+    def cost(r: dict) -> float:
+        return r["wall_s"] / r["tokens"] if per_token else r["wall_s"]
+    return [cost(r) / cost(q) for r, q in zip(runs[mode], runs[base], strict=True)]
+
+
 def summarise(runs: dict[str, list[dict]]) -> dict[str, dict]:
-    """Sums over the timed steps, and ratios to GRPO: of the sums, and the median of per-step ratios."""
-    out = {}
+    """Sums over the timed steps; per-step ratios to GRPO (median and bootstrap interval)."""
+    out: dict[str, dict] = {}
+    keys = ("wall_s", "tokens", "samples", "prompt_tokens", "engine_steps", "prefill_tokens", "cached_prompt_tokens",
+            "decode_tokens", "engine_requests", "engine_duplicates", "retries", "duplicate_generations")
     for mode, rs in runs.items():
-        total = {k: sum(r[k] for r in rs) for k in ("wall_s", "tokens", "samples", "prompt_tokens", "engine_steps",
-                                                      "prefill_tokens", "cached_prompt_tokens", "decode_tokens")}
+        total = {k: sum(r[k] for r in rs) for k in keys}
         out[mode] = dict(total, tokens_per_s=total["tokens"] / total["wall_s"],
                          tokens_per_engine_step=total["decode_tokens"] / max(total["engine_steps"], 1),
                          stopped=statistics.fmean(r["stopped"] for r in rs),
                          reward=statistics.fmean(r["reward"] for r in rs),
-                         wall_per_step_s=[round(r["wall_s"], 3) for r in rs])
-    g = out["grpo"]
-    for mode, s in out.items():
-        s["wall_ratio"] = s["wall_s"] / g["wall_s"]
-        s["per_token_ratio"] = (s["wall_s"] / s["tokens"]) / (g["wall_s"] / g["tokens"])
-        s["engine_steps_ratio"] = s["engine_steps"] / g["engine_steps"]
-        paired = [(r["wall_s"] / r["tokens"]) / (q["wall_s"] / q["tokens"])
-                  for r, q in zip(runs[mode], runs["grpo"], strict=True)]
-        s["per_token_ratio_median"] = statistics.median(paired)
-        s["per_token_ratio_range"] = [round(min(paired), 3), round(max(paired), 3)]
+                         wall_per_step_s=[round(r["wall_s"], 3) for r in rs],
+                         engine_steps_ratio=total["engine_steps"] / max(sum(r["engine_steps"] for r in runs["grpo"]), 1))
+        for name, per_token in (("wall_ratio", False), ("per_token_ratio", True)):
+            ratios = per_step(runs, mode, "grpo", per_token)
+            out[mode][name] = dict(zip(("median", "lo", "hi"), median_interval(ratios), strict=True),
+                                   per_step=[round(x, 4) for x in ratios])
     return out
 
 
-def print_table(summary: dict[str, dict], args: argparse.Namespace) -> None:
+def comparisons(runs: dict[str, list[dict]]) -> dict[str, dict]:
+    """Pipelined (and prioritised) iGRPO against the barrier, per round: below 1 means faster."""
+    out = {}
+    for mode in (m for m in runs if m.startswith("igrpo_pipelined")):
+        out[f"{mode} / igrpo_barrier"] = {
+            name: dict(zip(("median", "lo", "hi"), median_interval(ratios), strict=True),
+                       per_step=[round(x, 4) for x in ratios])
+            for name, ratios in (("wall_ratio", per_step(runs, mode, "igrpo_barrier", False)),
+                                 ("per_token_ratio", per_step(runs, mode, "igrpo_barrier", True)))}
+    return out
+
+
+def print_table(summary: dict[str, dict], compared: dict[str, dict], args: argparse.Namespace) -> None:
     sequences = args.prompts * 8
     regime = ("saturated: a step has more sequences than engine slots" if sequences > args.max_num_seqs
               else "unsaturated: every sequence of a step decodes at once")
     print(f"\n{args.prompts} prompts x 8 samples = {sequences} sequences per step, max_num_seqs {args.max_num_seqs} "
-          f"({regime});\nmax_num_batched_tokens {args.max_num_batched_tokens}, max_tokens {args.max_tokens}, temperature {args.temperature}; "
-          f"{args.repeats} timed step(s) per mode, summed")
-    head = (f"{'mode':16s} {'wall s':>7s} {'gen tok':>7s} {'tok/s':>7s} {'EOS':>4s} {'eng steps':>9s} "
-            f"{'tok/step':>8s} {'wall/GRPO':>9s} {'per-tok/GRPO':>12s} {'median (range)':>21s} {'steps/GRPO':>10s}")
+          f"({regime});\nmax_num_batched_tokens {args.max_num_batched_tokens}, max_tokens {args.max_tokens}, "
+          f"temperature {args.temperature}; {args.repeats} timed steps per mode (sums); ratios: median of the "
+          "per-step ratios [95% percentile-bootstrap interval of the median, 10,000 resamples]")
+
+    def ci(r: dict) -> str:
+        return f"{r['median']:.3f} [{r['lo']:.3f}, {r['hi']:.3f}]"
+
+    head = (f"{'mode':28s} {'wall s':>7s} {'gen tok':>7s} {'EOS':>4s} {'eng steps':>9s} {'wall/GRPO':>21s} "
+            f"{'per-tok/GRPO':>21s} {'steps/GRPO':>10s} {'retries':>7s} {'dup gen':>7s} {'eng dup':>7s}")
     print(head)
     print("-" * len(head))
     for mode, s in summary.items():
-        lo, hi = s["per_token_ratio_range"]
-        spread = f"{s['per_token_ratio_median']:.3f}x ({lo:.2f}-{hi:.2f})"
-        print(f"{mode:16s} {s['wall_s']:7.2f} {s['tokens']:7d} {s['tokens_per_s']:7.1f} {s['stopped']:4.0%} "
-              f"{s['engine_steps']:9.0f} {s['tokens_per_engine_step']:8.1f} {s['wall_ratio']:8.3f}x "
-              f"{s['per_token_ratio']:11.3f}x {spread:>21s} {s['engine_steps_ratio']:9.3f}x")
+        print(f"{mode:28s} {s['wall_s']:7.2f} {s['tokens']:7d} {s['stopped']:4.0%} {s['engine_steps']:9.0f} "
+              f"{ci(s['wall_ratio']):>21s} {ci(s['per_token_ratio']):>21s} {s['engine_steps_ratio']:9.3f}x "
+              f"{s['retries']:7.0f} {s['duplicate_generations']:7.0f} {s['engine_duplicates']:7.0f}")
+    for name, c in compared.items():
+        print(f"{name}: wall {ci(c['wall_ratio'])}, per token {ci(c['per_token_ratio'])}")
 
 
-def start_server(cfg: RolloutServerConfig, model_dir: Path, work: Path, attempts: int = 3) -> RolloutServer:
-    """Start the sidecar on a free port; retried, because another process may take the port between
-    the moment it is picked and vLLM binding it (seen on shared machines)."""
+# ------------------------------------------------------------------------------- cores and server
+def cpu_split(args: argparse.Namespace) -> tuple[set[int], set[int]]:
+    """(engine cores, client cores): disjoint, from the flags or the cores this process may use."""
+    allowed = sorted(os.sched_getaffinity(0))
+    engine = _cpu_list(args.engine_cpus) if args.engine_cpus else set(allowed[len(allowed) // 2:])
+    client = _cpu_list(args.client_cpus) if args.client_cpus else set(allowed) - engine
+    if not engine or not client or engine & client:
+        raise SystemExit(f"--engine-cpus {sorted(engine)} and --client-cpus {sorted(client)} must be non-empty and "
+                         f"disjoint (this process may use cores {allowed}).")
+    return engine, client
+
+
+def _cpu_list(text: str) -> set[int]:
+    cpus: set[int] = set()
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        cpus.update(range(int(lo), int(hi or lo) + 1))
+    return cpus
+
+
+def pin_process(pid: int, cpus: set[int]) -> None:
+    """Every thread of ``pid`` onto ``cpus`` (``sched_setaffinity`` sets one thread; new threads and
+    child processes inherit the mask of the thread that makes them)."""
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            os.sched_setaffinity(int(tid), cpus)
+        except (ProcessLookupError, FileNotFoundError):
+            pass  # the thread ended meanwhile
+
+
+def placement(pids: list[int]) -> dict[str, list[int]]:
+    """Cores each thread of ``pids`` may run on, grouped: {"0": [tids...]}-like summary by mask."""
+    masks: dict[str, int] = {}
+    for pid in pids:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            try:
+                key = ",".join(map(str, sorted(os.sched_getaffinity(int(tid)))))
+            except (ProcessLookupError, FileNotFoundError):
+                continue
+            masks[key] = masks.get(key, 0) + 1
+    return masks
+
+
+def start_server(cfg: RolloutServerConfig, model_dir: Path, work: Path, engine_cpus: set[int],
+                 attempts: int = 3) -> RolloutServer:
+    """Start the sidecar on ``engine_cpus`` and a free port; retried, because another process may take
+    the port between the moment it is picked and vLLM binding it (seen on shared machines)."""
+    mine = os.sched_getaffinity(0)
     for attempt in range(1, attempts + 1):
         server = RolloutServer(cfg, model_path=model_dir, log_dir=work)
+        os.sched_setaffinity(0, engine_cpus)  # this thread only: the server process inherits it
         try:
             server.start()
         except SidecarStartError:
@@ -289,9 +414,16 @@ def start_server(cfg: RolloutServerConfig, model_dir: Path, work: Path, attempts
                 raise
             print(f"port {server.port} was taken meanwhile; starting again", flush=True)
             continue
+        finally:
+            os.sched_setaffinity(0, mine)
         print(f"vLLM sidecar ready at {server.url}", flush=True)
         return server
     raise AssertionError("unreachable")
+
+
+def load_line() -> str:
+    one, five, fifteen = os.getloadavg()
+    return f"load average {one:.2f}, {five:.2f}, {fifteen:.2f} (1, 5, 15 min) on {os.cpu_count()} cores"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -299,6 +431,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING)
     from transformers import AutoTokenizer
 
+    print(f"at start: {load_line()}", flush=True)
+    engine_cpus, client_cpus = cpu_split(args)
     work = Path(args.workdir)
     model_dir = Path(args.model) if args.model else work / f"tiny-qwen2-arith8-sft{args.sft_steps}-seed{args.seed}"
     if not args.model and not model_dir.exists():
@@ -310,28 +444,52 @@ def main(argv: list[str] | None = None) -> int:
     problems = TASK.generate(args.prompts, "heldout", seed=args.seed)
     records = [PromptRecord(p.problem, p.answer) for p in problems]
     sampling = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens)
+    engine_list = ",".join(map(str, sorted(engine_cpus)))
+    extra = ["--no-enable-chunked-prefill",  # seeded requests: see server.py
+             "--max-num-batched-tokens", str(args.max_num_batched_tokens)]
+    if args.priority:
+        extra += ["--scheduling-policy", "priority"]
     cfg = RolloutServerConfig(port=0, dtype="float32", kv_cache_space_gib=1, enforce_eager=True,
                               max_model_len=MAX_PROMPT_TOKENS + args.max_tokens, max_num_seqs=args.max_num_seqs,
-                              seed=args.seed, start_timeout_s=300.0,
-                              extra_args=["--no-enable-chunked-prefill",  # seeded requests: see server.py
-                                          "--max-num-batched-tokens", str(args.max_num_batched_tokens)])
-    reward_cfg = RewardConfig()
-    reward_cfg.math.num_workers = 1  # the engine needs the cores
-    reward = build_reward(reward_cfg)
+                              seed=args.seed, start_timeout_s=300.0, extra_args=extra,
+                              extra_env={"VLLM_CPU_OMP_THREADS_BIND": engine_list})  # vLLM's own thread pinning
+    modes = MODES + tuple(f"igrpo_pipelined_{rule}" for rule in args.priority)
+    server = start_server(cfg, model_dir, work, engine_cpus)
+    reward = None
     try:
-        server = start_server(cfg, model_dir, work)
-        try:
-            runs = asyncio.run(measure(server.url, fmt, reward, records, sampling, args.warmup, args.repeats))
-        finally:
-            server.close()
+        pin_process(os.getpid(), client_cpus)  # the client, its threads and the reward's worker processes
+        from igrpo_megatron.rollout.server import live_group_members
+
+        engine_masks = placement(live_group_members(server.pid))
+        client_masks = placement([os.getpid()])
+        print(f"cores: vLLM server process group (API server, engine, workers) threads {engine_masks}; "
+              f"client threads {client_masks} (core list: thread count)", flush=True)
+        reward_cfg = RewardConfig()
+        reward_cfg.math.num_workers = 1
+        reward = build_reward(reward_cfg)
+        plain = {tuple(fmt.encode_problem(r.problem)) for r in records}
+
+        async def go() -> dict[str, list[dict]]:
+            async with PriorityClient(server.url, plain, max_concurrency=256) as client:
+                runs = await measure(client, fmt, reward, records, sampling, args, modes)
+                print(f"client counters over the whole run (warm-up included): {client.counters.as_dict()}")
+                return runs
+
+        runs = asyncio.run(go())
     finally:
-        reward.close()
-    summary = summarise(runs)
-    load = os.getloadavg()[1]  # 5-minute load average: on a shared machine, other processes' share of the cores
-    print_table(summary, args)
-    print(f"load average over the last 5 minutes: {load:.1f} on {os.cpu_count()} cores")
+        if reward is not None:
+            reward.close()
+        server.close()
+    summary, compared = summarise(runs), comparisons(runs)
+    print_table(summary, compared, args)
+    retries = sum(s["retries"] for s in summary.values())
+    print(f"retried requests in the timed steps: {retries:.0f}; engine sequences beyond the samples returned: "
+          f"{sum(s['engine_duplicates'] for s in summary.values()):.0f}")
+    print(f"cores: engine {engine_list}, client {','.join(map(str, sorted(client_cpus)))}; at end: {load_line()}")
     print(json.dumps({"bench": "rollout_overlap", "config": {k: v for k, v in vars(args).items() if k != "workdir"},
-                      "load_avg_5min": load, "cpus": os.cpu_count(), "modes": summary}))
+                      "engine_cpus": sorted(engine_cpus), "client_cpus": sorted(client_cpus),
+                      "load_avg": os.getloadavg(), "cpus": os.cpu_count(), "modes": summary,
+                      "comparisons": compared}))
     return 0
 
 
