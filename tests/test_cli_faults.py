@@ -7,6 +7,7 @@ as a traceback. (Layout: tests/config/test_faults.py; damaged checkpoint: tests/
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -27,8 +28,9 @@ def igrpo(*args: str) -> subprocess.CompletedProcess:
 def _one_line(out: subprocess.CompletedProcess) -> str:
     assert out.returncode == 2, out.stderr[-3000:]
     assert "Traceback" not in out.stderr, out.stderr[-3000:]
-    assert out.stderr.count("\nigrpo: ") + out.stderr.startswith("igrpo: ") == 1, out.stderr[-3000:]
-    return out.stderr[out.stderr.index("igrpo: "):]  # the message (a list of problems may follow it)
+    starts = [m.start() for m in re.finditer(r"^igrpo( eval)?: ", out.stderr, re.MULTILINE)]
+    assert len(starts) == 1, out.stderr[-3000:]
+    return out.stderr[starts[0]:]  # the message (a list of problems may follow it)
 
 
 @pytest.mark.parametrize("content, message", [
