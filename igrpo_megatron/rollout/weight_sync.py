@@ -240,6 +240,8 @@ class EngineTransport:
         except BaseException as exc:
             joined.cancel()
             channel.close()
+            if not isinstance(exc, Exception):  # cancellation, interpreter exit: not a transfer failure
+                raise
             raise WeightSyncError(f"could not form the {self.backend} weight-transfer group with the workers of "
                                   f"{self.client.base_url} at {init_info['master_address']}:{init_info['master_port']}"
                                   f": {exc}. The workers must reach that address (rollout.weight_sync.master_address, "
@@ -323,15 +325,17 @@ class WeightSynchronizer:
         if close is not None:
             close()
 
-    async def sync(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int | None = None) -> int:
+    async def sync(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int | None = None,
+                   resend: bool = False) -> int:
         """Push the weights; returns the new policy version (default: current + 1).
 
         New requests wait and running ones finish first, so no request straddles two versions. On
-        failure the version does not advance and ``WeightSyncError`` is raised.
+        failure the version does not advance and ``WeightSyncError`` is raised. ``resend``: the
+        version may equal the current one (the same weights again, after a restart or a stale rollout).
         """
         async with self.client.weight_update() as update:
             new_version = update.previous + 1 if version is None else version
-            if new_version <= update.previous:
+            if new_version < update.previous or (new_version == update.previous and not resend):
                 raise WeightSyncError(f"policy version must increase: {new_version} <= current {update.previous}.")
             await self.transport.push(named_tensors, new_version)
             update.commit(new_version)
