@@ -62,14 +62,16 @@ container_args() {
 }
 
 # One task per trainer rank: torch.distributed reads its rank from the variables Slurm sets per task.
+# Rank 0 also prints its PID and node (for stop_trainer), then becomes the trainer (exec keeps the PID).
 export MASTER_PORT=${IGRPO_MASTER_PORT:-$((20000 + ${SLURM_JOB_ID:-0} % 20000))}
-RANK_ENV='export RANK=$SLURM_PROCID LOCAL_RANK=$SLURM_LOCALID WORLD_SIZE=$SLURM_NTASKS; exec "$@"'
+RANK_ENV='export RANK=$SLURM_PROCID LOCAL_RANK=$SLURM_LOCALID WORLD_SIZE=$SLURM_NTASKS
+[ "$SLURM_PROCID" != 0 ] || echo "igrpo-slurm: rank 0 is pid $$ on $SLURMD_NODENAME (restart ${SLURM_RESTART_COUNT:-0})"
+exec "$@"'
 
 # ---------------------------------------------------------------- stopping without losing work
-# USR1 (Slurm, --signal=B:USR1@180) or TERM reach this script: pass the first one to the trainer
-# step (srun forwards it to every rank), which finishes its step, saves a checkpoint and exits
-# PREEMPTED_EXIT_CODE. Later signals are only logged: a second one would make the trainer stop at
-# once, without its checkpoint.
+# USR1 (Slurm, --signal=B:USR1@180) or TERM reach this script: pass the first one to the trainer,
+# which finishes its step, saves a checkpoint and exits PREEMPTED_EXIT_CODE. Later signals are only
+# logged: a second one would make the trainer stop at once, without its checkpoint.
 stop_signal=""
 on_stop_signal() {
   if [ -n "$stop_signal" ]; then
@@ -78,8 +80,34 @@ on_stop_signal() {
   fi
   stop_signal=$1
   stop_deadline=$((SECONDS + ${IGRPO_STOP_WAIT_S:-150}))
+  # When Slurm ends the job (scancel, time limit, preemption) it signals every step itself: a relayed
+  # TERM would be the trainer's second, which means "stop now, without a checkpoint".
+  if [ "$1" = TERM ] && [ "$(squeue -h -j "$SLURM_JOB_ID" -o %T 2>/dev/null | sed -n 1p)" != RUNNING ]; then
+    log "TERM received: Slurm is ending the job and signals the trainer itself"
+    return
+  fi
   log "$1 received: asking the trainer to save a checkpoint and stop (waiting up to ${IGRPO_STOP_WAIT_S:-150} s)"
-  kill -s "$1" "$trainer_pid" 2>/dev/null || true
+  stop_trainer "$1"
+}
+
+# Signal rank 0 alone: the ranks agree at the next step boundary (any rank's request stops all), and
+# a signal to the whole step (what srun passes on) would also reach rank 0's children, the vLLM
+# sidecar and the reward workers, which would die of it mid-step. Before rank 0 has started (no PID
+# printed yet) the step gets it through srun. $trainer_srun_args: the trainer step's component.
+stop_trainer() {
+  local line pid node
+  line=$(grep -a "^igrpo-slurm: rank 0 is pid [0-9]* on .* (restart ${SLURM_RESTART_COUNT:-0})\$" "$JOB_LOG" | tail -n 1) || true
+  pid=$(echo "$line" | awk '{print $6}')
+  node=$(echo "$line" | awk '{print $8}')
+  if [ -z "$pid" ]; then
+    kill -s "$1" "$trainer_pid" 2>/dev/null || true
+  elif [ "$node" = "${SLURMD_NODENAME:-}" ]; then
+    kill -s "$1" "$pid" 2>/dev/null || true
+  else
+    # shellcheck disable=SC2086  # a list of options
+    srun --overlap ${trainer_srun_args:-} --nodelist="$node" --nodes=1 --ntasks=1 \
+      kill -s "$1" "$pid" || log "could not signal rank 0 (pid $pid on $node)"
+  fi
 }
 
 # Wait for the trainer step (srun, pid $trainer_pid); its exit status in $trainer_rc. After a stop
@@ -99,7 +127,7 @@ wait_for_trainer() {
   done
   while kill -0 "$trainer_pid" 2>/dev/null; do
     if (( SECONDS >= stop_deadline )); then
-      log "the trainer did not stop within ${IGRPO_STOP_WAIT_S:-150} s; requeueing anyway (it resumes from the newest complete checkpoint)"
+      log "the trainer did not stop within ${IGRPO_STOP_WAIT_S:-150} s; requeueing anyway (the next run resumes from the newest complete checkpoint)"
       trainer_rc=$PREEMPTED_EXIT_CODE
       return
     fi
@@ -115,7 +143,7 @@ wait_for_trainer() {
 finish_job() {
   trap '' USR1 TERM
   if (( trainer_rc == PREEMPTED_EXIT_CODE )); then
-    log "trainer stopped after a checkpoint (exit $trainer_rc): requeueing job $SLURM_JOB_ID"
+    log "trainer stopped (exit $trainer_rc): requeueing job $SLURM_JOB_ID"
     stop_sidecar
     if scontrol requeue "$SLURM_JOB_ID"; then
       exit 0
@@ -128,11 +156,20 @@ finish_job() {
   exit "$trainer_rc"
 }
 
-# The heterogeneous script runs the sidecar as its own step (pid $sidecar_pid); stop it with the job.
+# The heterogeneous script runs the sidecar as its own step (srun --job-name=igrpo-sidecar, pid
+# $sidecar_pid): TERM it through Slurm, which reaches serve-rollout (it then stops vLLM) rather than
+# srun (which would kill the step outright), and wait for it a while.
 stop_sidecar() {
-  if [ -n "${sidecar_pid:-}" ] && kill -0 "$sidecar_pid" 2>/dev/null; then
-    kill -TERM "$sidecar_pid" 2>/dev/null || true
-    wait "$sidecar_pid" 2>/dev/null || true
+  if [ -z "${sidecar_pid:-}" ] || ! kill -0 "$sidecar_pid" 2>/dev/null; then
+    return 0
   fi
+  local step deadline=$((SECONDS + 60))
+  step=$(squeue -h -s -j "$SLURM_JOB_ID" -o '%i %j' 2>/dev/null | awk '$2 == "igrpo-sidecar" {print $1; exit}') || true
+  if [ -n "$step" ]; then
+    scancel --signal=TERM "$step" 2>/dev/null || true
+  fi
+  while kill -0 "$sidecar_pid" 2>/dev/null && (( SECONDS < deadline )); do sleep 1; done
+  kill -TERM "$sidecar_pid" 2>/dev/null || true
+  wait "$sidecar_pid" 2>/dev/null || true
   return 0
 }
