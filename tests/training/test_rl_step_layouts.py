@@ -3,6 +3,10 @@
 Ranks: 1 (reference), then 2 each for TP=2, PP=2 and DP=2 (distributed optimizer). The weights
 start from one HF checkpoint (imported at each layout); the batch mixes lengths so micro-batches
 differ between layouts (token budget 96 over the rank's share of the batch).
+
+Both architectures: the Qwen2-style GPT and the Nemotron-H hybrid (pattern ``M*M-``: Mamba2,
+attention, Mamba2, MLP; PP=2 splits it into ``M*`` and ``M-``; TP=2 splits the Mamba heads and
+groups, and the export merges ``in_proj`` / ``conv1d`` per component).
 """
 
 import random
@@ -12,19 +16,27 @@ import torch
 
 from igrpo_megatron.config.schema import RecipeConfig
 from tests.helpers.distributed import run_on_ranks
-from tests.helpers.tiny_models import build_tiny_qwen2
+from tests.helpers.tiny_models import build_tiny_nemotron_h, build_tiny_qwen2
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.timeout(900)]
 
 VOCAB = 128
+ARCHITECTURES = ["qwen2", "nemotron_h"]
+HYBRID_PATTERN = "M*M-"
+MAMBA = dict(mamba_head_dim=32, mamba_groups=2, state_dim=16)  # 8 Mamba heads of 32 in 2 groups
 
 
-def recipe(hf_path: str, **parallel) -> RecipeConfig:
+def recipe(hf_path: str, arch: str = "qwen2", **parallel) -> RecipeConfig:
     r = RecipeConfig()
     m = r.model
     m.num_layers, m.hidden_size, m.ffn_hidden_size = 2, 128, 256
     m.num_attention_heads, m.num_query_groups, m.vocab_size = 2, 1, VOCAB
     m.max_position_embeddings, m.hf_path, m.transformer_impl = 1024, hf_path, "local"
+    if arch == "nemotron_h":  # the sizes build_tiny_nemotron_h writes
+        m.architecture, m.hybrid_pattern, m.num_layers = arch, HYBRID_PATTERN, len(HYBRID_PATTERN)
+        m.mamba_head_dim, m.mamba_num_groups, m.mamba_state_dim = (MAMBA["mamba_head_dim"], MAMBA["mamba_groups"],
+                                                                   MAMBA["state_dim"])
+        m.norm_epsilon, m.add_qkv_bias = 1e-5, False
     for key, value in parallel.items():
         setattr(r.parallel, key, value)
     r.optimizer.lr, r.optimizer.warmup_fraction, r.optimizer.weight_decay = 1e-3, 0.0, 0.0
@@ -51,13 +63,13 @@ def fixed_batch():
     return TrainBatch(seqs)
 
 
-def _one_step(rank, world_size, hf_path, parallel):
+def _one_step(rank, world_size, hf_path, arch, parallel):
     from igrpo_megatron.runtime.cpu_mode import enable_cpu_mode
     from igrpo_megatron.runtime.parallel import destroy_distributed, init_distributed
     from igrpo_megatron.training.policy import MegatronPolicy
 
     enable_cpu_mode()
-    r = recipe(hf_path, **parallel)
+    r = recipe(hf_path, arch, **parallel)
     init_distributed(r.parallel, seed=1)
     policy = MegatronPolicy(r, total_optimizer_steps=10)
     policy.setup()
@@ -67,15 +79,24 @@ def _one_step(rank, world_size, hf_path, parallel):
     return metrics, weights
 
 
-@pytest.fixture(scope="module")
-def hf_dir(tmp_path_factory):
-    return str(build_tiny_qwen2(tmp_path_factory.mktemp("hf") / "m", vocab_size=VOCAB, hidden=128, heads=2,
-                                kv_heads=1, layers=2, intermediate=256, init_std=0.1, seed=5))
+@pytest.fixture(scope="module", params=ARCHITECTURES)
+def arch(request):
+    return request.param
 
 
 @pytest.fixture(scope="module")
-def reference(hf_dir):
-    return run_on_ranks(_one_step, 1, args=(hf_dir, {}))[0]
+def hf_dir(tmp_path_factory, arch):
+    out = tmp_path_factory.mktemp("hf") / arch
+    if arch == "nemotron_h":
+        return str(build_tiny_nemotron_h(out, vocab_size=VOCAB, hidden=128, heads=2, kv_heads=1,
+                                         pattern=HYBRID_PATTERN, intermediate=256, init_std=0.1, seed=5, **MAMBA))
+    return str(build_tiny_qwen2(out, vocab_size=VOCAB, hidden=128, heads=2, kv_heads=1, layers=2,
+                                intermediate=256, init_std=0.1, seed=5))
+
+
+@pytest.fixture(scope="module")
+def reference(hf_dir, arch):
+    return run_on_ranks(_one_step, 1, args=(hf_dir, arch, {}))[0]
 
 
 def test_reference_step_moves_the_weights(reference, hf_dir):
@@ -95,9 +116,9 @@ def test_reference_step_moves_the_weights(reference, hf_dir):
     (2, dict(pipeline_model_parallel_size=2, use_distributed_optimizer=False)),
     (2, dict(use_distributed_optimizer=True)),
 ], ids=["tp2", "pp2", "dp2"])
-def test_layout_gives_the_same_step(reference, hf_dir, world_size, layout):
+def test_layout_gives_the_same_step(reference, hf_dir, arch, world_size, layout):
     ref_metrics, ref_weights = reference
-    metrics, weights = run_on_ranks(_one_step, world_size, args=(hf_dir, layout))[0]
+    metrics, weights = run_on_ranks(_one_step, world_size, args=(hf_dir, arch, layout))[0]
     for key in ("loss", "grad_norm", "entropy", "ratio_mean"):
         assert metrics[key] == pytest.approx(ref_metrics[key], rel=1e-5), key
     # Weights are compared as whole tensors, ||w - w_ref|| / ||w_ref||: Adam's first step is
@@ -108,7 +129,7 @@ def test_layout_gives_the_same_step(reference, hf_dir, world_size, layout):
         assert rel < 1e-5, f"{name}: relative difference {rel:.2e}"
 
 
-def _direction(rank, world_size, hf_path):
+def _direction(rank, world_size, hf_path, arch):
     """Three RL steps on a group where one completion has a positive and one a negative advantage."""
     from igrpo_megatron.runtime.cpu_mode import enable_cpu_mode
     from igrpo_megatron.runtime.parallel import destroy_distributed, init_distributed
@@ -116,7 +137,7 @@ def _direction(rank, world_size, hf_path):
     from igrpo_megatron.training.policy import MegatronPolicy
 
     enable_cpu_mode()
-    r = recipe(hf_path)
+    r = recipe(hf_path, arch)
     init_distributed(r.parallel, seed=1)
     policy = MegatronPolicy(r, total_optimizer_steps=3)
     policy.setup()
@@ -136,7 +157,7 @@ def _direction(rank, world_size, hf_path):
     return before, after
 
 
-def test_rl_steps_move_probability_towards_positive_advantage(hf_dir):
-    (good0, bad0), (good1, bad1) = run_on_ranks(_direction, 1, args=(hf_dir,))[0]
+def test_rl_steps_move_probability_towards_positive_advantage(hf_dir, arch):
+    (good0, bad0), (good1, bad1) = run_on_ranks(_direction, 1, args=(hf_dir, arch))[0]
     assert good1 > good0 + 0.1  # the rewarded completion became more likely
     assert bad1 < bad0 - 0.1    # the penalised one less likely
