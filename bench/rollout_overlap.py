@@ -293,11 +293,17 @@ def median_interval(values: list[float], level: float = 0.95, resamples: int = 1
     return statistics.median(values), medians[int(tail * resamples)], medians[int((1 - tail) * resamples) - 1]
 
 
-def per_step(runs: dict[str, list[dict]], mode: str, base: str, per_token: bool) -> list[float]:
-    """Per-round ratios of ``mode`` to ``base``: wall time, or wall time per generated token."""
+def per_step(runs: dict[str, list[dict]], mode: str, base: str, measure: str) -> list[float]:
+    """Per-round ratios of ``mode`` to ``base``: of wall time ("wall"), wall time per generated token
+    ("per_token") or engine steps ("engine_steps", which machine load does not change)."""
     def cost(r: dict) -> float:
-        return r["wall_s"] / r["tokens"] if per_token else r["wall_s"]
+        return {"wall": r["wall_s"], "per_token": r["wall_s"] / r["tokens"], "engine_steps": r["engine_steps"]}[measure]
     return [cost(r) / cost(q) for r, q in zip(runs[mode], runs[base], strict=True)]
+
+
+def ratio_summary(ratios: list[float]) -> dict:
+    median, lo, hi = median_interval(ratios)
+    return dict(median=median, lo=lo, hi=hi, per_step=[round(x, 4) for x in ratios])
 
 
 def summarise(runs: dict[str, list[dict]]) -> dict[str, dict]:
@@ -313,10 +319,8 @@ def summarise(runs: dict[str, list[dict]]) -> dict[str, dict]:
                          reward=statistics.fmean(r["reward"] for r in rs),
                          wall_per_step_s=[round(r["wall_s"], 3) for r in rs],
                          engine_steps_ratio=total["engine_steps"] / max(sum(r["engine_steps"] for r in runs["grpo"]), 1))
-        for name, per_token in (("wall_ratio", False), ("per_token_ratio", True)):
-            ratios = per_step(runs, mode, "grpo", per_token)
-            out[mode][name] = dict(zip(("median", "lo", "hi"), median_interval(ratios), strict=True),
-                                   per_step=[round(x, 4) for x in ratios])
+        for name, measure in (("wall_ratio", "wall"), ("per_token_ratio", "per_token")):
+            out[mode][name] = ratio_summary(per_step(runs, mode, "grpo", measure))
     return out
 
 
@@ -325,10 +329,8 @@ def comparisons(runs: dict[str, list[dict]]) -> dict[str, dict]:
     out = {}
     for mode in (m for m in runs if m.startswith("igrpo_pipelined")):
         out[f"{mode} / igrpo_barrier"] = {
-            name: dict(zip(("median", "lo", "hi"), median_interval(ratios), strict=True),
-                       per_step=[round(x, 4) for x in ratios])
-            for name, ratios in (("wall_ratio", per_step(runs, mode, "igrpo_barrier", False)),
-                                 ("per_token_ratio", per_step(runs, mode, "igrpo_barrier", True)))}
+            f"{measure}_ratio": ratio_summary(per_step(runs, mode, "igrpo_barrier", measure))
+            for measure in ("wall", "per_token", "engine_steps")}
     return out
 
 
@@ -353,7 +355,8 @@ def print_table(summary: dict[str, dict], compared: dict[str, dict], args: argpa
               f"{ci(s['wall_ratio']):>21s} {ci(s['per_token_ratio']):>21s} {s['engine_steps_ratio']:9.3f}x "
               f"{s['retries']:7.0f} {s['duplicate_generations']:7.0f} {s['engine_duplicates']:7.0f}")
     for name, c in compared.items():
-        print(f"{name}: wall {ci(c['wall_ratio'])}, per token {ci(c['per_token_ratio'])}")
+        print(f"{name}: wall {ci(c['wall_ratio'])}, per token {ci(c['per_token_ratio'])}, "
+              f"engine steps {ci(c['engine_steps_ratio'])}")
 
 
 # ------------------------------------------------------------------------------- cores and server
