@@ -11,9 +11,10 @@ counts the retries and the generations that may have run twice because of them.
 Idle connections are dropped after ``CLIENT_KEEPALIVE_S``, before the server closes them: vLLM's
 HTTP server closes a connection idle for ``VLLM_HTTP_TIMEOUT_KEEP_ALIVE`` seconds (5 by default;
 servers started by ``RolloutServer`` get a longer one), and a request written to a connection the
-server has just closed fails with ``ServerDisconnectedError``. That happened whenever the client's
-event loop was busy (prompt building, parsing) at the moment of the close, with aiohttp's default
-of 15 s: 9-19 retries per run of ``bench/rollout_overlap.py`` against a healthy local server.
+server has just closed fails (``ServerDisconnectedError``, "Can not write request body"): with
+aiohttp's default of 15 s, whenever the client's event loop was busy (prompt building, parsing)
+as the server closed a pooled connection. ``bench/rollout_overlap.py`` saw 9-19 such retries per
+run against a healthy local server; tests/rollout/test_keepalive.py reproduces them.
 """
 
 from __future__ import annotations
