@@ -320,10 +320,14 @@ class RLTrainer:
                 metrics["sidecar_weight_version"] = float(self.client.run(self.sync.server_version()))
             metrics["time/step"] = time.perf_counter() - step_start
             if t.eval_every and (self.step % t.eval_every == 0 or self.step == t.num_steps):
+                t_eval = time.perf_counter()
                 metrics.update(self._evaluate())
+                metrics["time/eval"] = time.perf_counter() - t_eval  # outside time/step, like the save
             if t.save_every and self.step % t.save_every == 0 or self.step == last:
+                t_save = time.perf_counter()
                 self.save_checkpoint()
                 saved = self.step
+                metrics["time/checkpoint"] = time.perf_counter() - t_save
             if self.rank0:
                 self._log(metrics)
             if self.rank0 and (self.step % self.recipe.logging.log_every == 0 or self.step == last):
