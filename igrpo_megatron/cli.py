@@ -127,13 +127,14 @@ def _config(args: argparse.Namespace) -> int:
 @command("train")
 def _train(args: argparse.Namespace) -> int:
     from igrpo_megatron.config import load_recipe
+    from igrpo_megatron.evaluation.hook import PeriodicEvaluator
     from igrpo_megatron.training.loop import PREEMPTED_EXIT_CODE, run_training
     from igrpo_megatron.training.preemption import StopRequest
 
     recipe = load_recipe(args.recipe, args.overrides)
     # SIGUSR1/SIGTERM/SIGHUP (Slurm, torchrun, kill): finish the step, save, stop the sidecar, exit 75.
     with StopRequest() as stop:
-        trainer = run_training(recipe, stop)
+        trainer = run_training(recipe, stop, evaluator=PeriodicEvaluator)
     logger.info("run directory: %s (summary.md, training.png, metrics.jsonl, checkpoints/)",
                 trainer.run_dir.resolve())
     return PREEMPTED_EXIT_CODE if trainer.preempted else 0
@@ -141,9 +142,10 @@ def _train(args: argparse.Namespace) -> int:
 
 @command("compare")
 def _compare(args: argparse.Namespace) -> int:
+    from igrpo_megatron.evaluation.hook import PeriodicEvaluator
     from igrpo_megatron.training.compare import run_compare
 
-    root = run_compare(args.recipe, args.overrides, args.seeds, args.output_dir)
+    root = run_compare(args.recipe, args.overrides, args.seeds, args.output_dir, evaluator=PeriodicEvaluator)
     logger.info("comparison: %s", (root / "compare.md").resolve())
     return 0
 

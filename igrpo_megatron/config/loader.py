@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from igrpo_megatron.config.algorithm import LOSS_VARIANTS, variant_fields
 from igrpo_megatron.config.errors import UserError
+from igrpo_megatron.config.files import write_text
 from igrpo_megatron.config.schema import RecipeConfig
 from igrpo_megatron.config.validate import MISSING_MARK, SchemaError, build_dataclass, schema_defaults
 
@@ -238,10 +238,4 @@ def recipe_to_yaml(recipe: RecipeConfig) -> str:
 
 def save_resolved_recipe(recipe: RecipeConfig, run_dir: str | os.PathLike) -> Path:
     """Write the resolved recipe to ``<run_dir>/recipe.yaml`` (temporary file, then rename)."""
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    final = run_dir / "recipe.yaml"
-    with tempfile.NamedTemporaryFile("w", dir=run_dir, prefix=".recipe.", suffix=".tmp", delete=False) as fh:
-        fh.write(recipe_to_yaml(recipe))
-    os.replace(fh.name, final)
-    return final
+    return write_text(Path(run_dir) / "recipe.yaml", recipe_to_yaml(recipe))

@@ -37,7 +37,7 @@ from igrpo_megatron.evaluation.report import (
     write_report,
     write_text,
 )
-from igrpo_megatron.evaluation.runner import EvaluationError, Evaluator, evaluation_config
+from igrpo_megatron.evaluation.runner import EvaluationError, Evaluator
 from igrpo_megatron.rollout.interfaces import SidecarError
 
 logger = logging.getLogger(__name__)
@@ -91,7 +91,7 @@ def run_eval_command(recipe_or_checkpoint: str | None, overrides: list[str], ben
 def _settings(target: EvalTarget, benchmarks: list[str] | None, samples: int | None, limit: int | None,
               refine: bool | None, output_dir: str | None) -> Any:
     """``recipe.evaluation`` with the command-line flags applied, validated."""
-    cfg = evaluation_config(target.recipe)
+    cfg = target.recipe.evaluation
     names = list(benchmarks) if benchmarks else list(cfg.benchmarks)
     per_bench = dict(cfg.samples_per_problem)
     if samples is not None:

@@ -1,7 +1,8 @@
 """The periodic evaluation inside training: a fixed subset, scored on the trainer's live sidecar.
 
-Built once by the trainer (benchmarks loaded, subset drawn, reward pool started) and called every
-``trainer.eval_every`` steps with the rollout engine the trainer already holds, so no second server
+Built once by the trainer (benchmarks loaded, subset drawn, reward pool started; ``igrpo train``
+passes this class to the trainer as its ``training.interfaces.EvaluatorFactory``) and called every
+``trainer.eval_every`` steps (the loop's ``eval_due``) with the rollout engine the trainer already holds, so no second server
 is started and the current policy version is the one evaluated. The subset is drawn once with the
 run seed, so successive steps score the same problems; with ``evaluation.sampling.seed`` set they
 also draw with the same random streams, so step-to-step differences are the policy's, not the draw's.
@@ -10,8 +11,7 @@ Usage in a training loop::
 
     hook = PeriodicEvaluator(recipe, tokenizer=tokenizer)
     ...
-    if hook.due(step):
-        metrics.update(hook(blocking_client, step))   # or: await hook.run_async(client, step)
+    metrics.update(hook(blocking_client, step))   # or: await hook.run_async(client, step)
     ...
     hook.close()
 """
@@ -28,7 +28,7 @@ from typing import Any
 from igrpo_megatron.evaluation.benchmarks import Benchmark, load_benchmarks
 from igrpo_megatron.evaluation.records import BenchmarkResult, EvalRun, flat_metrics
 from igrpo_megatron.evaluation.report import write_report
-from igrpo_megatron.evaluation.runner import Evaluator, evaluation_config, run_sync
+from igrpo_megatron.evaluation.runner import Evaluator, run_sync
 from igrpo_megatron.rewards.interfaces import RewardFunction
 from igrpo_megatron.rollout.interfaces import RolloutEngine
 
@@ -58,24 +58,19 @@ class PeriodicEvaluator:
     def __init__(self, recipe: Any, *, tokenizer: Any = None, reward: RewardFunction | None = None,
                  run_dir: str | Path | None = None, max_model_len: int | None = None):
         self.recipe = recipe
-        cfg = evaluation_config(recipe)
+        cfg = recipe.evaluation
         self.hook = cfg.hook
         # The hook's sampling count and refinement switch replace the CLI's.
         self.cfg = replace(cfg, refine=replace(cfg.refine, enabled=self.hook.refine), limit=None)
-        self.every = recipe.trainer.eval_every
         self.run_dir = Path(run_dir) if run_dir is not None else Path(recipe.run.output_dir) / recipe.run.name
         benchmarks = load_benchmarks(list(self.hook.benchmarks), self.cfg, recipe.data, seed=recipe.run.seed)
         self.benchmarks: list[Benchmark] = [
             b.subset(subset_positions(len(b), self.hook.num_problems, recipe.run.seed)) for b in benchmarks]
         self.evaluator = Evaluator.from_recipe(recipe, tokenizer if tokenizer is not None else _load_tokenizer(recipe),
                                                cfg=self.cfg, reward=reward, max_model_len=max_model_len)
-        logger.info("evaluation hook: every %d steps, %s, %d samples per problem", self.every,
+        logger.info("evaluation hook: every %d steps, %s, %d samples per problem", recipe.trainer.eval_every,
                     ", ".join(f"{b.name} ({len(b)} problems)" for b in self.benchmarks),
                     self.hook.samples_per_problem)
-
-    def due(self, step: int) -> bool:
-        """Whether ``step`` is an evaluation step (``trainer.eval_every`` > 0 and divides it)."""
-        return self.every > 0 and step > 0 and step % self.every == 0
 
     async def run_async(self, engine: RolloutEngine, step: int) -> dict[str, float]:
         """Evaluate every hook benchmark now; ``{'eval/<benchmark>/<metric>': value, ...}``."""
@@ -113,8 +108,3 @@ class PeriodicEvaluator:
     def __exit__(self, *exc) -> None:
         self.close()
 
-
-def periodic_eval(recipe: Any, engine: Any, step: int, **kwargs: Any) -> dict[str, float]:
-    """One-shot hook call (builds and closes a :class:`PeriodicEvaluator`); prefer keeping one in a loop."""
-    with PeriodicEvaluator(recipe, **kwargs) as hook:
-        return hook(engine, step)

@@ -11,12 +11,11 @@ import json
 import logging
 import math
 import os
-import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from igrpo_megatron.config.files import atomic_write, write_text
 from igrpo_megatron.evaluation.passk import difference_interval
 from igrpo_megatron.evaluation.records import RESULTS_FORMAT_VERSION
 
@@ -27,24 +26,6 @@ TABLE_NAME = "report.md"
 PLOT_NAME = "report.png"
 COUNT_METRICS = ("mean_tokens",)  # shown as plain numbers, not percentages
 SCORE_PREFIXES = ("pass@", "maj@", "pick_correct")  # shown with their confidence interval
-
-
-def _atomic_write(path: Path, write: Callable[[str], None]) -> Path:
-    """Call ``write(tmp_path)`` and rename the result to ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def write_text(path: str | os.PathLike, text: str) -> Path:
-    return _atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def write_results(run: dict[str, Any], path: str | os.PathLike) -> Path:
@@ -150,7 +131,7 @@ def plot_results(run: dict[str, Any], path: str | os.PathLike) -> Path:
     ax_b.set_title(f"{run.get('label', '')}: accuracy per benchmark")
     ax_b.legend(fontsize=8)
     fig.tight_layout()
-    out = _atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    out = atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
     plt.close(fig)
     return out
 
@@ -253,6 +234,6 @@ def plot_comparison(rows: list[Comparison], label_a: str, label_b: str, path: st
     ax.set_title(f"{metric}: B - A (* = outside the CI)")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    out = _atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    out = atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
     plt.close(fig)
     return out

@@ -57,12 +57,6 @@ class Query:
     prompt_ids: list[int]
 
 
-def evaluation_config(recipe: Any) -> EvaluationConfig:
-    """``recipe.evaluation``, or the defaults while the recipe schema has no such section."""
-    cfg = getattr(recipe, "evaluation", None)
-    return cfg if cfg is not None else EvaluationConfig()
-
-
 def run_sync(engine: Any, make: Callable[[RolloutEngine], Awaitable[T]]) -> T:
     """Run ``make(engine)`` to completion from synchronous code.
 
@@ -122,7 +116,7 @@ class Evaluator:
         """
         from igrpo_megatron.rewards import build_reward
 
-        cfg = cfg or evaluation_config(recipe)
+        cfg = cfg or recipe.evaluation
         cfg.validate()
         owns = reward is None
         if reward is None:

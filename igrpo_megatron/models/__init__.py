@@ -34,3 +34,10 @@ def build_model(
     raise ValueError(
         f"model.architecture={model.architecture!r} is not known; use 'qwen2' or 'nemotron_h'"
     )
+
+
+def unwrap(chunk: Any) -> Any:
+    """The Megatron model inside DDP (and any other ``.module`` wrappers) that :func:`build_model` built."""
+    while hasattr(chunk, "module"):
+        chunk = chunk.module
+    return chunk

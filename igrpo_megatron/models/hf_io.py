@@ -22,6 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from igrpo_megatron.config.errors import UserError
+from igrpo_megatron.config.files import replace_directory
 from igrpo_megatron.config.model import ModelConfig
 from igrpo_megatron.models.weight_export import export_hf_weights, hf_mapping, local_params, partition_dim
 
@@ -147,9 +148,7 @@ def save_hf_checkpoint(chunks: list[torch.nn.Module], model_cfg: ModelConfig, ou
                 if f.is_file() and (f.name.startswith("tokenizer") or f.name.endswith("_map.json")
                                     or f.name == "chat_template.jinja"):
                     shutil.copy2(f, tmp / f.name)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        replace_directory(tmp, final)
         logger.info("exported Hugging Face checkpoint to %s", final)
     else:
         for _ in export_hf_weights(chunks, model_cfg):

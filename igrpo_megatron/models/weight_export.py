@@ -23,9 +23,8 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from igrpo_megatron.config.model import ModelConfig
-from igrpo_megatron.models import hf_nemotron_h, hf_qwen2
+from igrpo_megatron.models import hf_nemotron_h, hf_qwen2, unwrap
 from igrpo_megatron.models.hf_qwen2 import MappedParam
-from igrpo_megatron.training.checkpoint import unwrap
 
 logger = logging.getLogger(__name__)
 

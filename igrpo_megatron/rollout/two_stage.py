@@ -371,4 +371,5 @@ def _reward_metrics(batch: RolloutBatch) -> dict[str, float]:
             out[f"{stage}/accuracy"] = sum(s.correct for s in picked) / len(picked)
             out[f"{stage}/response_length"] = sum(len(s.completion_ids) for s in picked) / len(picked)
     out["generated_tokens"] = float(batch.generated_tokens)
+    out["generated_completions"] = float(len(batch.samples))  # the rollout budget (igrpo compare matches it)
     return out

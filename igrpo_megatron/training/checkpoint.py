@@ -22,17 +22,12 @@ from megatron.core import dist_checkpointing, tensor_parallel
 from megatron.core.dist_checkpointing.core import CheckpointingException
 
 from igrpo_megatron.config.errors import UserError
+from igrpo_megatron.config.files import replace_directory, write_text
+from igrpo_megatron.models import unwrap
 
 logger = logging.getLogger(__name__)
 
 _MODEL_KEY = "model"
-
-
-def unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
-    """The Megatron model inside DDP (and any other ``.module`` wrappers)."""
-    while hasattr(chunk, "module"):
-        chunk = chunk.module
-    return chunk
 
 
 def _model_sharded_state_dict(chunks: list[torch.nn.Module]) -> dict:
@@ -61,9 +56,7 @@ def save_model_weights(chunks: list[torch.nn.Module], directory: str | os.PathLi
     dist_checkpointing.save(_model_sharded_state_dict(chunks), str(tmp))
     _barrier()
     if _is_rank0():
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        replace_directory(tmp, final)
     _barrier()
     logger.info("saved model weights to %s", final)
     return final
@@ -224,9 +217,7 @@ def verify_checkpoint(path: str | os.PathLike) -> None:
 
 def _write_manifest(directory: Path) -> None:
     files = {str(p.relative_to(directory)): p.stat().st_size for p in sorted(directory.rglob("*")) if p.is_file()}
-    tmp = directory / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps({"files": files}, indent=1))
-    os.replace(tmp, directory / MANIFEST)
+    write_text(directory / MANIFEST, json.dumps({"files": files}, indent=1))
 
 
 def find_latest(root: str | os.PathLike) -> Path | None:
@@ -282,12 +273,8 @@ def save_training_checkpoint(root: str | os.PathLike, step: int, chunks: list[to
         torch.save({**trainer_state, "step": step, "world_size": world}, tmp / TRAINER_STATE)
         (tmp / "recipe.yaml").write_text(recipe_yaml)
         _write_manifest(tmp)  # last: lists what the finished save holds
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        pointer_tmp = root / (LATEST + ".tmp")
-        pointer_tmp.write_text(final.name)
-        os.replace(pointer_tmp, root / LATEST)  # updated last: a crash before here keeps the old one
+        replace_directory(tmp, final)
+        write_text(root / LATEST, final.name)  # updated last: a crash before here keeps the old one
         _prune(root, keep_last)
     _barrier()
     logger.info("saved checkpoint %s", final)

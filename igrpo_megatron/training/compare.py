@@ -3,8 +3,10 @@
 For every seed both algorithms start from the same warm-start and tokenizer (trained once, by the
 first run of that seed) and see the same prompts; GRPO samples ``algorithm.group_size`` completions
 per prompt, iGRPO ``num_drafts + num_refinements`` (the recipe's budget check makes them equal).
-Writes ``compare.md`` (final held-out accuracy and reward, mean and per seed) and ``compare.png``
-(held-out accuracy and reward against steps and against generated tokens).
+Writes ``compare.md`` (final held-out accuracy and reward, mean and per seed), ``compare.png``
+(held-out accuracy and reward against steps and against generated tokens) and ``compare.json``
+(every curve, and the completions each run generated: ``budget_matched`` when, for every seed,
+both algorithms generated as many).
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from igrpo_megatron.config import load_recipe
+from igrpo_megatron.config.files import atomic_write, write_text
+from igrpo_megatron.training.interfaces import EvaluatorFactory
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +38,7 @@ def _curves(history: list[dict[str, Any]], algo: str) -> dict[str, list[tuple[fl
     """(step, value) and (generated tokens, value) series of held-out accuracy and trained reward."""
     reward = "grpo/reward_mean" if algo == "grpo" else "refine/reward_mean"
     tokens, out = 0.0, {"acc_step": [], "acc_tokens": [], "reward_step": [], "reward_tokens": []}
+    out["generated_completions"] = sum(h.get("generated_completions") or 0.0 for h in history)
     for h in history:
         tokens += h.get("generated_tokens") or 0.0
         if isinstance(h.get(HELDOUT), float):
@@ -85,10 +90,8 @@ def _plot(results: dict[str, dict[int, dict]], path: Path) -> None:
         ax.legend()
     fig.suptitle("GRPO vs iGRPO at a matched rollout budget")
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=100)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     plt.close(fig)
-    tmp.replace(path)
 
 
 def _share_warmstart(src: Path, dst: Path) -> None:
@@ -99,8 +102,12 @@ def _share_warmstart(src: Path, dst: Path) -> None:
             shutil.copytree(src / name, dst / name)
 
 
-def run_compare(recipe_path: str, overrides: list[str], seeds: list[int], out_dir: str | None = None) -> Path:
-    """Train both algorithms for every seed (one after the other, in this process) and report."""
+def run_compare(recipe_path: str, overrides: list[str], seeds: list[int], out_dir: str | None = None,
+                evaluator: EvaluatorFactory | None = None) -> Path:
+    """Train both algorithms for every seed (one after the other, in this process) and report.
+
+    ``evaluator`` builds each run's held-out evaluation (``evaluation.hook.PeriodicEvaluator``).
+    """
     from igrpo_megatron.training.loop import run_training
 
     base = load_recipe(recipe_path, overrides)
@@ -116,16 +123,20 @@ def run_compare(recipe_path: str, overrides: list[str], seeds: list[int], out_di
             if first_dir is not None:
                 _share_warmstart(first_dir, run_dir)
             logger.info("compare: %s (seed %d)", algo, seed)
-            run_training(recipe)
+            run_training(recipe, evaluator=evaluator)
             first_dir = first_dir or run_dir
             results[algo][seed] = _curves(_history(run_dir), algo)
     table = _table(results, seeds)
     _plot(results, root / "compare.png")
+    matched = all(len({results[algo][seed]["generated_completions"] for algo in ALGORITHMS}) == 1 for seed in seeds)
+    if not matched:
+        logger.warning("compare: GRPO and iGRPO generated different numbers of completions (see compare.json); "
+                       "the comparison is not at a matched budget")
+    write_text(root / "compare.json", json.dumps({"recipe": str(recipe_path), "overrides": overrides, "seeds": seeds,
+                                                  "budget_matched": matched, "runs": results}, indent=1))
     text = (f"# GRPO vs iGRPO: {recipe_path}, seeds {seeds}\n\nMatched budget: GRPO samples "
             f"{base.algorithm.group_size} per prompt, iGRPO {base.algorithm.igrpo.num_drafts} drafts + "
             f"{base.algorithm.igrpo.num_refinements} refinements.\n\n{table}\n\n![curves](compare.png)\n")
-    tmp = root / "compare.md.tmp"
-    tmp.write_text(text)
-    tmp.replace(root / "compare.md")
+    write_text(root / "compare.md", text)
     logger.info("comparison written to %s\n%s", root / "compare.md", table)
     return root

@@ -32,8 +32,10 @@ from igrpo_megatron.algorithms.advantages import group_advantages
 from igrpo_megatron.algorithms.losses import needs_reference
 from igrpo_megatron.config.loader import recipe_to_yaml, save_resolved_recipe
 from igrpo_megatron.config.schema import RecipeConfig
+from igrpo_megatron.config.training import TrainerConfig
 from igrpo_megatron.rollout.two_stage import RolloutBatch
 from igrpo_megatron.training.batch import Sequence, TrainBatch
+from igrpo_megatron.training.interfaces import EvaluatorFactory
 from igrpo_megatron.training.preemption import PREEMPTED_EXIT_CODE, StopRequest, stop_agreed
 
 logger = logging.getLogger(__name__)
@@ -58,6 +60,13 @@ def build_train_batch(rollout: RolloutBatch, recipe: RecipeConfig) -> tuple[Trai
                                    "trained_sequences": float(len(sequences))}
 
 
+def eval_due(step: int, trainer: TrainerConfig) -> bool:
+    """Whether the held-out evaluation runs after ``step`` (0: before training): every
+    ``trainer.eval_every`` steps and after the last one; never when ``eval_every`` is 0."""
+    every = trainer.eval_every
+    return every > 0 and (step % every == 0 or step == trainer.num_steps)
+
+
 def _split(batch: TrainBatch, parts: int) -> list[TrainBatch]:
     """Mini-batches of whole groups (several optimizer steps per rollout batch)."""
     if parts <= 1:
@@ -76,12 +85,17 @@ def _split(batch: TrainBatch, parts: int) -> list[TrainBatch]:
 class RLTrainer:
     """``setup()``, ``train()``, ``save_checkpoint()``, ``cleanup()`` — the recipe's skeleton."""
 
-    def __init__(self, recipe: RecipeConfig, stop: StopRequest | None = None):
+    def __init__(self, recipe: RecipeConfig, stop: StopRequest | None = None,
+                 evaluator: EvaluatorFactory | None = None):
         self.recipe = recipe
+        if recipe.trainer.eval_every and evaluator is None:
+            raise ValueError(f"trainer.eval_every = {recipe.trainer.eval_every} but this trainer was given no "
+                             "evaluator (igrpo train passes evaluation.hook.PeriodicEvaluator); pass evaluator= "
+                             "or set trainer.eval_every=0")
+        self.make_evaluator = evaluator  # builds the trainer.eval_every hook on rank 0
         self.run_dir = Path(recipe.run.output_dir) / recipe.run.name
         self.step = 0
         self.rank0 = True
-        self.history: list[dict[str, Any]] = []
         self.stop = stop  # signals caught by the caller (igrpo train); None: no signal handling
         self.preempted = False  # stopped on a signal, after saving: the run should be requeued
         self.resume_from: Path | None = None
@@ -163,8 +177,8 @@ class RLTrainer:
         cfg = self.recipe.rollout
         model_path = cfg.server.model_path or self.initial_weights
         if cfg.server.url is None and model_path is None:
-            # A fresh random model: export it so the sidecar starts from exactly the trainer's weights.
-            model_path = str(self._export_initial())
+            raise ValueError("the recipe gives no starting weights: set model.hf_path (or rollout.server.model_path), "
+                             "or enable trainer.warmstart for a synthetic task")
         local = cfg.server.url is None  # rollout.weight_sync.transport 'auto' follows where the server runs
         self.server = RolloutServer(cfg.server, model_path=model_path, log_dir=self.run_dir / "sidecar",
                                     weight_transfer_backend=engine_backend(cfg, local))
@@ -173,12 +187,7 @@ class RLTrainer:
         self.client = BlockingRolloutClient(RolloutClient.from_config(cfg, self.server.url))
         self.sync = WeightSynchronizer(self.client.client, build_transport(cfg, self.client.client, local))
 
-    def _export_initial(self) -> Path:
-        raise RuntimeError("the recipe gives no starting weights: set model.hf_path (or rollout.server.model_path), "
-                           "or enable trainer.warmstart for a synthetic task")
-
     def _setup_rollout(self) -> None:
-        from igrpo_megatron.evaluation.hook import PeriodicEvaluator
         from igrpo_megatron.rewards.registry import build_rewards
         from igrpo_megatron.rollout.interfaces import SamplingParams
         from igrpo_megatron.rollout.two_stage import TwoStageRollout
@@ -189,9 +198,10 @@ class RLTrainer:
         self.rollout = TwoStageRollout(
             self.client.client, self.fmt, self.rewards.train, r.algorithm, SamplingParams.from_config(r.rollout.sampling),
             max_prompt_length=r.data.max_prompt_length, run_seed=r.run.seed, draft_reward=self.rewards.draft)
-        self.evaluator = PeriodicEvaluator(r, tokenizer=self.tokenizer, reward=self.rewards.train,
-                                           run_dir=self.run_dir, max_model_len=r.rollout.server.max_model_len
-                                           ) if r.trainer.eval_every else None  # no hook: no benchmark files needed
+        self.evaluator = None  # no hook: no benchmark files needed
+        if r.trainer.eval_every:
+            self.evaluator = self.make_evaluator(r, tokenizer=self.tokenizer, reward=self.rewards.train,
+                                                 run_dir=self.run_dir, max_model_len=r.rollout.server.max_model_len)
         self.metrics = MetricsLogger(self.run_dir, r.logging, r.run.name, tags=r.run.tags)
 
     def _checkpoint_root(self) -> Path:
@@ -302,7 +312,7 @@ class RLTrainer:
     def train(self) -> None:
         t = self.recipe.trainer
         self._started = True
-        if self.step == 0 and t.eval_every and self.rank0:
+        if self.step == 0 and eval_due(0, t) and self.rank0:
             self._log(self._evaluate())
         start = time.perf_counter()
         first = saved = self.step
@@ -319,7 +329,7 @@ class RLTrainer:
             if self.rank0:  # what the sidecar itself reports, not what we believe we sent
                 metrics["sidecar_weight_version"] = float(self.client.run(self.sync.server_version()))
             metrics["time/step"] = time.perf_counter() - step_start
-            if t.eval_every and (self.step % t.eval_every == 0 or self.step == t.num_steps):
+            if eval_due(self.step, t):
                 t_eval = time.perf_counter()
                 metrics.update(self._evaluate())
                 metrics["time/eval"] = time.perf_counter() - t_eval  # outside time/step, like the save
@@ -374,9 +384,13 @@ class RLTrainer:
         destroy_distributed()
 
 
-def run_training(recipe: RecipeConfig, stop: StopRequest | None = None) -> RLTrainer:
-    """Set up, train, clean up; returns the trainer (``run_dir``; ``preempted`` when a signal stopped it)."""
-    trainer = RLTrainer(recipe, stop)
+def run_training(recipe: RecipeConfig, stop: StopRequest | None = None,
+                 evaluator: EvaluatorFactory | None = None) -> RLTrainer:
+    """Set up, train, clean up; returns the trainer (``run_dir``; ``preempted`` when a signal stopped it).
+
+    ``evaluator`` builds the ``trainer.eval_every`` hook (``evaluation.hook.PeriodicEvaluator``).
+    """
+    trainer = RLTrainer(recipe, stop, evaluator)
     try:
         trainer.setup()
         trainer.train()

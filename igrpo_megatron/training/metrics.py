@@ -11,6 +11,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from igrpo_megatron.config.files import write_text
 from igrpo_megatron.config.training import LoggingConfig
 
 logger = logging.getLogger(__name__)
@@ -55,9 +56,7 @@ class MetricsLogger:
         if not self.path.exists():
             return
         keep = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(line + "\n" for line in keep))
-        tmp.replace(self.path)
+        write_text(self.path, "".join(line + "\n" for line in keep))
 
     def history(self) -> list[dict[str, Any]]:
         if not self.path.exists():

@@ -22,6 +22,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from igrpo_megatron.algorithms.logprobs import vocab_parallel_logprobs_and_entropy
 from igrpo_megatron.algorithms.losses import needs_reference, policy_loss
 from igrpo_megatron.config.schema import RecipeConfig
+from igrpo_megatron.models import unwrap
 from igrpo_megatron.models.transformer_config import fp8_pad_multiple
 from igrpo_megatron.training.batch import (
     MicroBatch,
@@ -31,7 +32,6 @@ from igrpo_megatron.training.batch import (
     plan_micro_batches,
     shard_for_rank,
 )
-from igrpo_megatron.training.checkpoint import unwrap
 from igrpo_megatron.training.megatron_setup import build_model_chunks, build_optimizer, build_scheduler
 
 logger = logging.getLogger(__name__)

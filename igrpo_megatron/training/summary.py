@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from igrpo_megatron.config.files import atomic_write, write_text
 from igrpo_megatron.config.schema import RecipeConfig
 
 logger = logging.getLogger(__name__)
@@ -42,10 +43,8 @@ def plot_training(history: list[dict[str, Any]], recipe: RecipeConfig, path: Pat
     axes[1].set(xlabel="step", ylabel="pass@1", title="Held-out accuracy")
     fig.suptitle(recipe.run.name)
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=100)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     plt.close(fig)
-    tmp.replace(path)
     return path
 
 
@@ -75,8 +74,6 @@ def write_summary(run_dir: Path, history: list[dict[str, Any]], recipe: RecipeCo
         lines.append(f"- mean step time: {sum(step_time) / len(step_time):.1f} s over {len(step_time)} steps")
     lines += ["", f"![training curves]({plot.name})", ""]
     out = run_dir / "summary.md"
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text("\n".join(lines))
-    tmp.replace(out)
+    write_text(out, "\n".join(lines))
     logger.info("summary written to %s", out)
     return out

@@ -181,7 +181,7 @@ def test_hook_evaluates_a_fixed_subset_on_a_blocking_client(tiny_tokenizer, tmp_
     reward = ExactReward()
     hook = PeriodicEvaluator(recipe, tokenizer=tiny_tokenizer, reward=reward)
     assert [p.index for p in hook.benchmarks[0].problems] == subset_positions(6, 4, recipe.run.seed)
-    assert len(hook.benchmarks[0]) == 4 and not hook.due(0) and hook.due(10) and not hook.due(7)
+    assert len(hook.benchmarks[0]) == 4
     engine = ScriptedEngine(tiny_tokenizer, script, policy_version=3)
     with BlockingRolloutClient(engine) as blocking:
         metrics = hook(blocking, step=10)

@@ -151,7 +151,7 @@ def test_training_hook_reuses_the_running_sidecar(sidecar, tiny_model_dir, tmp_p
     tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
     with PeriodicEvaluator(recipe, tokenizer=tok, max_model_len=MAX_MODEL_LEN) as hook, \
             BlockingRolloutClient(RolloutClient(sidecar.url)) as client:
-        assert hook.due(5) and len(hook.benchmarks[0]) == 4
+        assert len(hook.benchmarks[0]) == 4
         metrics = hook(client, step=5)
     assert 0.0 <= metrics["eval/heldout/pass@1"] <= metrics["eval/heldout/pass@2"] <= 1.0
     assert metrics["eval/wall_s"] > 0
