@@ -45,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     config_sub = config.add_subparsers(dest="config_command", metavar="ACTION", required=True)
     show = config_sub.add_parser("show", help="print the fully resolved recipe as YAML")
     _add_recipe_args(show)
+    show.add_argument("--help-fields", action="store_true",
+                      help="print every key with its resolved value and its help text instead of the YAML")
     get = config_sub.add_parser("get", help="print one resolved value (for shell scripts)")
     get.add_argument("recipe", help="recipe YAML file")
     get.add_argument("key", help="dotted key, e.g. cluster.gpus_per_node")
@@ -119,6 +121,11 @@ def _config(args: argparse.Namespace) -> int:
                 raise RecipeError(f"{args.key}: no such key in the recipe")
             value = getattr(value, part)
         sys.stdout.write(("" if value is None else str(value)) + "\n")
+        return 0
+    if args.help_fields:
+        from igrpo_megatron.config.fields import field_docs
+
+        sys.stdout.write("".join(f"{key}: {value!r}\n    {text}\n" for key, value, text in field_docs(recipe)))
         return 0
     sys.stdout.write(recipe_to_yaml(recipe))
     return 0

@@ -256,10 +256,6 @@ class IGRPOConfig:
             errs.append(f"{prefix}.prompt.max_draft_tokens must be >= 0 or null.")
         return errs
 
-    def validate(self, prefix: str = "algorithm.igrpo") -> None:
-        """Raise ValueError listing every broken rule (budget, counts, template, choices)."""
-        _raise(self.errors(prefix))
-
 
 @dataclass
 class AlgorithmConfig:
@@ -295,10 +291,6 @@ class AlgorithmConfig:
         errs += self.igrpo.errors(f"{prefix}.igrpo")
         return errs
 
-    def validate(self, prefix: str = "algorithm") -> None:
-        """Raise ValueError listing every broken rule of the section."""
-        _raise(self.errors(prefix))
-
 
 def _loss_errors(cfg: PolicyLossConfig, prefix: str) -> list[str]:
     errs = choice_errors(cfg, prefix, recursive=False) + choice_errors(cfg.kl, f"{prefix}.kl", recursive=False)
@@ -318,8 +310,3 @@ def _loss_errors(cfg: PolicyLossConfig, prefix: str) -> list[str]:
         errs.append(f"{prefix}.truncated_is.cap must be > 0.")
     return errs
 
-
-
-def _raise(errors: list[str]) -> None:
-    if errors:
-        raise ValueError("invalid algorithm settings:\n  - " + "\n  - ".join(errors))

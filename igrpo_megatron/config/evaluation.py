@@ -178,12 +178,6 @@ class EvaluationConfig:
             errs += dataset_errors(name, spec, f"{prefix}.datasets.{name}")
         return errs
 
-    def validate(self, prefix: str = "evaluation") -> None:
-        """Raise ValueError listing every broken rule."""
-        errs = self.errors(prefix)
-        if errs:
-            raise ValueError("invalid evaluation settings:\n  - " + "\n  - ".join(errs))
-
 
 def dataset_errors(name: str, spec: Any, key: str) -> list[str]:
     """Problems with one ``evaluation.datasets`` entry (unknown keys, missing path, bad types)."""

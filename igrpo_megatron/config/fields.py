@@ -7,6 +7,7 @@ Every section of the recipe is a dataclass whose fields are declared with :func:
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
 from typing import Any
 
 
@@ -25,12 +26,14 @@ def param(default: Any = dataclasses.MISSING, *, help: str, choices: tuple[Any, 
     return dataclasses.field(default=default, metadata=metadata)
 
 
-def field_help(cls: type, name: str) -> str:
-    """The help text of ``cls.name`` ('' when it has none)."""
-    for f in dataclasses.fields(cls):
-        if f.name == name:
-            return f.metadata.get("help", "")
-    return ""
+def field_docs(section: Any, prefix: str = "") -> Iterator[tuple[str, Any, str]]:
+    """``(dotted key, value, help)`` for every leaf field of ``section`` and its nested sections, in order."""
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        if dataclasses.is_dataclass(value):
+            yield from field_docs(value, f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", value, f.metadata.get("help", "")
 
 
 def choice_errors(section: Any, prefix: str, *, recursive: bool = True) -> list[str]:

@@ -167,11 +167,10 @@ class RewardConfig:
                                help="The 'judge' component: generative judge over HTTP.")
 
     def errors(self, prefix: str = "reward") -> list[str]:
-        """Every rule this section breaks (the recipe loader reports them with the rest)."""
-        return self.validate()
+        """Every rule this section breaks, each naming the key and the fix (empty when valid).
 
-    def validate(self) -> list[str]:
-        """Every rule this section breaks, each naming the key and the fix (empty when valid)."""
+        The keys are named from ``reward.`` whatever ``prefix`` is (the section has one place in a recipe).
+        """
         errors: list[str] = []
         errors.extend(choice_errors(self, "reward"))
         for key, weights in (("reward.weights", self.weights), ("reward.draft_weights", self.draft_weights)):

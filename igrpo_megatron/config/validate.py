@@ -3,6 +3,10 @@
 Every problem is collected, with the key and the file its value came from, and reported at
 once: unknown keys, wrong types, values outside a field's ``choices``, and the rules each
 section states in its own ``errors(prefix)`` method.
+
+The convention for every section: ``errors(prefix)`` returns the list of broken rules (empty when
+valid) and never raises; the loader raises (all sections at once), and code that builds a section
+itself (command-line flags, tests) calls :func:`raise_errors`.
 """
 
 from __future__ import annotations
@@ -13,11 +17,20 @@ import types
 import typing
 from typing import Any, Union
 
+from igrpo_megatron.config.errors import UserError
+
 MISSING_MARK = "???"
 
 
-class SchemaError(ValueError):
+class SchemaError(UserError, ValueError):
     """One or more recipe values do not fit the schema (message: one line per problem)."""
+
+
+def raise_errors(section: Any, prefix: str) -> None:
+    """Raise :class:`SchemaError` listing every rule ``section.errors(prefix)`` reports, if any."""
+    errors = section.errors(prefix)
+    if errors:
+        raise SchemaError(f"invalid {prefix} settings:\n" + "\n".join(f"  - {e}" for e in errors))
 
 
 def schema_defaults(cls: type) -> dict[str, Any]:

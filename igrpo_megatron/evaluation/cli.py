@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from igrpo_megatron.config import RecipeError, UserError
+from igrpo_megatron.config.validate import raise_errors
 from igrpo_megatron.data.prompts import PromptError
 from igrpo_megatron.evaluation.benchmarks import BenchmarkError, load_benchmarks, samples_per_problem
 from igrpo_megatron.evaluation.checkpoints import (
@@ -103,7 +104,7 @@ def _settings(target: EvalTarget, benchmarks: list[str] | None, samples: int | N
     cfg = replace(cfg, benchmarks=names, samples_per_problem=per_bench,
                   limit=limit if limit is not None else cfg.limit, output_dir=folder,
                   refine=replace(cfg.refine, enabled=cfg.refine.enabled if refine is None else refine))
-    cfg.validate()
+    raise_errors(cfg, "evaluation")
     return cfg
 
 

@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 from igrpo_megatron.config.algorithm import RefinementPromptConfig
 from igrpo_megatron.config.evaluation import EvaluationConfig
 from igrpo_megatron.config.reward import AnswerExtractionConfig
+from igrpo_megatron.config.validate import raise_errors
 from igrpo_megatron.data.prompts import PromptFormatter
 from igrpo_megatron.evaluation.benchmarks import Benchmark, Problem
 from igrpo_megatron.evaluation.metrics import IntervalSettings, per_problem_metrics, summarize
@@ -117,7 +118,7 @@ class Evaluator:
         from igrpo_megatron.rewards import build_reward
 
         cfg = cfg or recipe.evaluation
-        cfg.validate()
+        raise_errors(cfg, "evaluation")
         owns = reward is None
         if reward is None:
             reward = build_reward(recipe.reward, weights={cfg.correctness_reward: 1.0})

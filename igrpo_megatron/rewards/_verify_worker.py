@@ -16,6 +16,7 @@ import time
 from collections.abc import Sequence
 from functools import lru_cache
 
+from igrpo_megatron.config.reward import MathVerifyConfig
 from igrpo_megatron.rewards.extraction import to_latex_input
 
 # Outcome codes sent back to the parent, one small int per item (cheap to pickle).
@@ -96,8 +97,14 @@ class _Verifier:
             return ERROR, f"{type(e).__name__}: {e}"[:300]
 
 
-def warm_up(options: Sequence = (6, 15, True)) -> _Verifier:
-    """A verifier that has run every WARM_UP pair once (cheap when the fork server already did)."""
+def warm_up(options: Sequence | None = None) -> _Verifier:
+    """A verifier that has run every WARM_UP pair once (cheap when the fork server already did).
+
+    ``options``: (float_rounding, numeric_precision, strict); None: ``reward.math``'s defaults.
+    """
+    if options is None:
+        d = MathVerifyConfig()
+        options = (d.float_rounding, d.numeric_precision, d.strict)
     for name in ("math_verify", "latex2sympy2_extended"):
         logging.getLogger(name).setLevel(logging.ERROR)  # "timeout is disabled" warnings are expected here
     verifier = _Verifier(*options)

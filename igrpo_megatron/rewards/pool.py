@@ -104,6 +104,9 @@ def available_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+_DEFAULTS = MathVerifyConfig()  # the one place math-verify's settings have defaults: reward.math
+
+
 class VerifyPool:
     """Verifies (gold, answer) pairs with math-verify in ``num_workers`` processes; see module docstring.
 
@@ -111,9 +114,10 @@ class VerifyPool:
     ``verify`` may be called from any thread (calls are serialised).
     """
 
-    def __init__(self, num_workers: int | None = None, item_timeout_s: float = 5.0, chunk_size: int = 32,
-                 start_method: str = "forkserver", float_rounding: int = 6, numeric_precision: int = 15,
-                 strict: bool = True):
+    def __init__(self, num_workers: int | None = None, item_timeout_s: float = _DEFAULTS.item_timeout_s,
+                 chunk_size: int = _DEFAULTS.chunk_size, start_method: str = _DEFAULTS.start_method,
+                 float_rounding: int = _DEFAULTS.float_rounding, numeric_precision: int = _DEFAULTS.numeric_precision,
+                 strict: bool = _DEFAULTS.strict):
         if item_timeout_s <= 0 or chunk_size <= 0:
             raise ValueError("reward.math.item_timeout_s and reward.math.chunk_size must be > 0.")
         self.num_workers = num_workers or available_cores()

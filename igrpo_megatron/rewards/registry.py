@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 from igrpo_megatron.config.reward import RewardConfig
+from igrpo_megatron.config.validate import raise_errors
 from igrpo_megatron.rewards.interfaces import ItemInfo, RewardFunction, RewardItem, RewardResult
 
 logger = logging.getLogger(__name__)
@@ -184,9 +185,7 @@ class _Builder:
 
 def build_rewards(cfg: RewardConfig) -> RewardFunctions:
     """Build the training and draft-selection rewards of ``recipe.reward``, sharing their components."""
-    errors = cfg.validate()
-    if errors:
-        raise ValueError("invalid recipe.reward:\n  " + "\n  ".join(errors))
+    raise_errors(cfg, "reward")
     builder = _Builder(cfg)
     try:
         train = builder.weighted(cfg.weights, "reward.weights")
@@ -206,9 +205,7 @@ def build_reward(cfg: RewardConfig, weights: dict[str, float] | None = None) -> 
     """
     key = "weights argument" if weights is not None else "reward.weights"
     weights = dict(weights) if weights is not None else cfg.weights
-    errors = replace(cfg, weights=weights, draft_weights=None).validate()
-    if errors:
-        raise ValueError("invalid recipe.reward:\n  " + "\n  ".join(errors))
+    raise_errors(replace(cfg, weights=weights, draft_weights=None), "reward")
     builder = _Builder(cfg)
     try:
         reward = builder.weighted(weights, key)

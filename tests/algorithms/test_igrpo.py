@@ -71,7 +71,7 @@ def algorithm(policy: str = "keep", rounds: int = 2, train_on: str = "all") -> A
     cfg.num_drafts, cfg.num_refinements, cfg.num_rounds, cfg.train_on_rounds = 3, 2, rounds, train_on
     cfg.grpo_equivalent_budget = 3 + 2 * rounds
     cfg.selection.all_zero_policy = policy
-    alg.validate()
+    assert alg.errors() == []
     return alg
 
 
@@ -186,7 +186,7 @@ def test_nothing_refined_gives_nan_rates_not_zero(fmt, rewards):
 @pytest.mark.parametrize("variant", sorted(LOSS_VARIANTS))
 def test_every_loss_runs_unchanged_under_the_wrapper(fmt, rewards, variant):
     alg = with_variant(algorithm(rounds=1), variant, max_length=64)
-    alg.validate()
+    assert alg.errors() == []
     batch, _, _ = rollout(fmt, rewards, alg, 2)
     train_batch, _ = build_train_batch(batch, RecipeConfig(algorithm=alg))
     seqs = train_batch.sequences  # [B = 2 groups x G = 2]

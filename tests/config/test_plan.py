@@ -182,20 +182,21 @@ def test_the_loop_refuses_before_building_anything(stand_ins, tmp_path, monkeypa
     """The GPU recipes' old crash: the in-training 'heldout' evaluation with no data.eval_path."""
     import torch.distributed as dist
 
+    from igrpo_megatron.evaluation.hook import PeriodicEvaluator
     from igrpo_megatron.training.loop import run_training
 
     monkeypatch.setenv("WORLD_SIZE", "8")  # as torchrun sets it for the recipe's one trainer node
     recipe = load_recipe(RECIPES / "r1_distill_qwen_7b_igrpo.yaml",
                          [*stand_ins, f"run.output_dir={tmp_path / 'runs'}", "evaluation.hook.benchmarks=[heldout]"])
     with pytest.raises(PlanError, match=r"data\.eval_path, which is null"):
-        run_training(recipe)
+        run_training(recipe, evaluator=PeriodicEvaluator)  # as igrpo train calls it
     assert not dist.is_initialized()                  # no process group, so no model, no sidecar
     assert not (tmp_path / "runs").exists()           # nothing written either
     # The recipe as shipped, without its evaluation files: the error names evaluation.data_dir.
     recipe = load_recipe(RECIPES / "r1_distill_qwen_7b_igrpo.yaml",
                          [stand_ins[0], stand_ins[1], f"run.output_dir={tmp_path / 'runs'}"])
     with pytest.raises(PlanError, match=r"evaluation\.data_dir"):
-        run_training(recipe)
+        run_training(recipe, evaluator=PeriodicEvaluator)  # as igrpo train calls it
     assert not dist.is_initialized()
 
 

@@ -8,6 +8,7 @@ import json
 import pytest
 
 from igrpo_megatron.config.evaluation import EvaluationConfig
+from igrpo_megatron.config.validate import raise_errors
 from igrpo_megatron.evaluation.checkpoints import (
     CheckpointExportError,
     export_megatron_checkpoint,
@@ -100,4 +101,4 @@ def test_evaluation_section_validation():
         assert expected in errs
     assert EvaluationConfig().errors() == []
     with pytest.raises(ValueError, match="invalid evaluation settings"):
-        cfg.validate()
+        raise_errors(cfg, "evaluation")

@@ -297,3 +297,14 @@ def test_likely_slow_items_go_first_and_alone():
     # A risky item put back at the front (its worker was killed) still travels alone.
     queue = deque([0, 4, 2])
     assert take_chunk(queue, 3, risky) == [0] and take_chunk(queue, 3, risky) == [4]
+
+
+def test_the_pool_defaults_are_the_recipe_defaults():
+    """math-verify's settings have their defaults in one place (reward.math); the pool takes them from there."""
+    from igrpo_megatron.config.reward import MathVerifyConfig
+
+    d = MathVerifyConfig()
+    pool = VerifyPool(num_workers=1)  # never started
+    assert (pool.item_timeout_s, pool.chunk_size, pool.start_method) == (d.item_timeout_s, d.chunk_size,
+                                                                         d.start_method)
+    assert pool._options == (d.float_rounding, d.numeric_precision, d.strict)

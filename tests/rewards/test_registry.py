@@ -122,11 +122,11 @@ def test_validate_reports_every_problem_with_its_key():
     cfg.judge.url = "localhost:8000"
     cfg.extraction.source = "regex"
     cfg.format.pattern = "(unclosed"
-    errors = "\n".join(cfg.validate())
+    errors = "\n".join(cfg.errors())
     for key in ("reward.weights is empty", "reward.math.item_timeout_s = 0", "reward.math.start_method = 'fork'",
                 "{solution}", "reward.judge.score_regex", "has no group", "reward.judge.url",
                 "reward.extraction.regex", "reward.format.pattern"):
         assert key in errors, f"missing: {key}\n{errors}"
-    assert RewardConfig().validate() == []
-    with pytest.raises(ValueError, match="invalid recipe.reward"):
+    assert RewardConfig().errors() == []
+    with pytest.raises(ValueError, match="invalid reward settings"):
         build_rewards(cfg)

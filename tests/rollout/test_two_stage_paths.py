@@ -99,7 +99,7 @@ def picks(batch, num_prompts: int, round_index: int = 1) -> list[int | None]:
 def test_selection_rule_and_tie_break(fmt, rewards, rule, tie_break):
     alg = algorithm(4, 2)
     alg.igrpo.selection.rule, alg.igrpo.selection.tie_break = rule, tie_break
-    alg.validate()
+    assert alg.errors() == []
     kinds = {(p, 0): [k for k, _ in row] for p, row in DRAFTS.items()}
     kinds.update({(p, 1): ["none", "none"] for p in DRAFTS})
     fillers = {(p, 0, j): f for p, row in DRAFTS.items() for j, (_, f) in enumerate(row)}
@@ -134,7 +134,7 @@ def test_prompt_budget_cuts_the_draft_or_falls_back_to_the_plain_prompt(fmt, rew
     alg = algorithm(2, 2, rounds=2)
     cfg = alg.igrpo.prompt
     cfg.strip_think = False  # show the long reasoning, so it must be cut
-    alg.validate()
+    assert alg.errors() == []
     p0 = problems(GOLDS)[0].problem
     empty0 = len(fmt.encode_message(fill_template(cfg.template, fmt.message(p0), "")))
     budget = empty0 + 60  # room for 60 draft tokens
@@ -173,7 +173,7 @@ def test_two_rounds_on_the_vllm_sidecar(sidecar, fmt, rewards):
     alg = algorithm(2, 2, rounds=2)
     alg.igrpo.train_on_rounds = "last"
     alg.igrpo.prompt.max_draft_tokens = 24
-    alg.validate()
+    assert alg.errors() == []
 
     async def go():
         async with RolloutClient(sidecar.url) as client:
