@@ -120,12 +120,30 @@ def _apply_overrides(cfg: DictConfig, overrides: list[str], known: set[str],
         if not ov.is_add() and not ov.is_force_add() and not exists:
             raise RecipeError(f"{COMMAND_LINE}: unknown key '{key}'; check the spelling "
                               f"(`igrpo config show RECIPE` lists every key) or use '+{key}=...' to add one")
-        OmegaConf.update(cfg, key, ov.value(), merge=True, force_add=True)
+        try:
+            OmegaConf.update(cfg, key, ov.value(), merge=True, force_add=True)
+        except OmegaConfBaseException as exc:
+            raise RecipeError(f"{COMMAND_LINE}: cannot set '{key}': {str(exc).splitlines()[0]}") from None
         for leaf in _flatten({key: ov.value()}) or {key: None}:
             origin[leaf] = COMMAND_LINE
 
 
 _ABSENT = object()
+
+
+def _check_shapes(schema: Any, user: Any, origin: dict[str, str], prefix: str = "") -> None:
+    """A section of the schema (a mapping of settings) given as a list or a scalar is a RecipeError naming it."""
+    if not isinstance(schema, dict) or not isinstance(user, dict):
+        return
+    for key, value in user.items():
+        if key not in schema:
+            continue
+        dotted = f"{prefix}{key}"
+        if isinstance(schema[key], dict) and schema[key] and not isinstance(value, dict):
+            where = next((o for k, o in origin.items() if k == dotted or k.startswith(dotted + ".")), "the recipe")
+            raise RecipeError(f"{dotted} (from {where}): must be a mapping of settings ({', '.join(list(schema[key])[:4])}"
+                              f", ...), got {type(value).__name__} {value!r}")
+        _check_shapes(schema[key], value, origin, dotted + ".")
 
 
 def _delete(cfg: DictConfig, key: str) -> None:
@@ -156,7 +174,12 @@ def compose(recipe_path: str | os.PathLike, overrides: list[str] | None = None) 
     for key in list(missing_marks):
         if origin.get(key) == COMMAND_LINE:
             missing_marks.discard(key)
-    merged = OmegaConf.merge(defaults, user)
+    _check_shapes(schema_defaults(RecipeConfig), OmegaConf.to_container(user), origin)
+    try:
+        merged = OmegaConf.merge(defaults, user)
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None) or "the recipe"
+        raise RecipeError(f"{key} (from {origin.get(key, ', '.join(layers))}): {str(exc).splitlines()[0]}") from None
     # OmegaConf never lets ??? replace a value in a merge, so ??? marks are tracked per layer.
     missing = sorted(missing_marks | set(_missing_leaves(merged)))
     if missing:
