@@ -23,12 +23,16 @@ class FakeVLLM:
     weight_version: str = "default"
     in_flight: int = 0
     max_in_flight: int = 0
+    hang_first: int = 0  # the first requests never answer (a hung server), until the client gives up
+    refuse_weight_reloads: int = 0  # answer this many weight reloads (/collective_rpc) with HTTP 400
 
     async def completions(self, request: web.Request) -> web.Response:
         body = await request.json()
         self.requests.append(body)
         if len(self.requests) <= self.fail_first:
             return web.json_response({"error": "try again"}, status=self.fail_status)
+        if len(self.requests) <= self.fail_first + self.hang_first:
+            await asyncio.sleep(3600)
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
         self.events.append(("start", time.monotonic(), body.get("seed")))
@@ -47,15 +51,25 @@ class FakeVLLM:
         self.events.append((request.path, time.monotonic(), None))
         return web.json_response({"success": True})
 
+    async def reload(self, request: web.Request) -> web.Response:
+        if self.refuse_weight_reloads:
+            self.refuse_weight_reloads -= 1
+            return web.json_response({"error": "weights do not match the model"}, status=400)
+        return await self.ok(request)
+
+    async def update_weight_version(self, request: web.Request) -> web.Response:
+        self.weight_version = (await request.json())["new_version"]
+        return await self.ok(request)
+
     async def weight_info(self, request: web.Request) -> web.Response:
         return web.json_response({"weight_version": self.weight_version})
 
     def app(self) -> web.Application:
         app = web.Application()
         app.router.add_post("/v1/completions", self.completions)
-        app.router.add_post("/collective_rpc", self.ok)
+        app.router.add_post("/collective_rpc", self.reload)
         app.router.add_post("/reset_prefix_cache", self.ok)
-        app.router.add_post("/update_weight_version", self.ok)
+        app.router.add_post("/update_weight_version", self.update_weight_version)
         app.router.add_get("/health", self.ok)
         app.router.add_get("/weight_info", self.weight_info)
         return app
