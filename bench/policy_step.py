@@ -93,9 +93,9 @@ def comm_seconds(prof) -> float:
 
 
 def time_train_steps(recipe: RecipeConfig, batch: TrainBatch, steps: int, warmup: int = 1,
-                     profile: bool = False) -> dict[str, Any]:
+                     profile: bool = False, after_setup=None) -> dict[str, Any]:
     """Build ``MegatronPolicy`` from ``recipe`` (distributed already initialised) and time ``steps``
-    optimizer steps on ``batch`` after ``warmup`` untimed ones. Returns seconds per step, the
+    optimizer steps on ``batch`` after ``warmup`` untimed ones (``after_setup(policy)`` runs first). Returns seconds per step, the
     communication seconds (with ``profile``), this rank's matmul parameters and the step's loss."""
     import torch.distributed as dist
 
@@ -103,6 +103,8 @@ def time_train_steps(recipe: RecipeConfig, batch: TrainBatch, steps: int, warmup
 
     policy = MegatronPolicy(recipe, total_optimizer_steps=steps + warmup + 1)
     policy.setup()
+    if after_setup is not None:
+        after_setup(policy)
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     for _ in range(warmup):
         policy.train_step(batch)
