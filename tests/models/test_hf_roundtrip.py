@@ -1,4 +1,5 @@
-"""Hugging Face Qwen2 <-> Megatron GPTModel: import, export, and the same logits as transformers."""
+"""Hugging Face Qwen2 <-> Megatron GPTModel: import, export, and the same logits as transformers
+(at TP = PP = 1, TP = 2 and PP = 2)."""
 
 import pytest
 import torch
@@ -60,7 +61,13 @@ def test_megatron_matches_transformers_and_export_is_exact(hf_dir, tmp_path):
                          ids=["tp2", "pp2"])
 def test_sharded_import_export_round_trip(hf_dir, tmp_path, layout):
     out = tmp_path / "exported"
-    run_on_ranks(_import_export, 2, args=(str(hf_dir), str(out), layout))
+    logits = run_on_ranks(_import_export, 2, args=(str(hf_dir), str(out), layout))
+    # TP=2: both ranks hold the gathered logits; PP=2: only the last stage (rank 1) has any.
+    expected_ranks = [0, 1] if layout.get("tensor_model_parallel_size", 1) == 2 else [1]
+    assert [r for r, x in enumerate(logits) if x is not None] == expected_ranks
+    reference = hf_logits(hf_dir)
+    for rank in expected_ranks:  # the sharded model computes what transformers computes
+        torch.testing.assert_close(logits[rank], reference, rtol=1e-4, atol=1e-4)
     original, exported = load_state_dict(hf_dir), load_state_dict(out)
     assert sorted(original) == sorted(exported)
     for name in original:
