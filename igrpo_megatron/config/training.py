@@ -73,13 +73,18 @@ class TrainerConfig:
     stop_after_steps: int | None = param(None, help="Stop (saving a checkpoint, as if preempted) after this many "
                                                     "steps of this invocation; the schedule still spans num_steps. "
                                                     "For time-boxed jobs and resume tests. null: run to num_steps.")
+    max_consecutive_bad_steps: int = param(
+        3, help="A step whose loss or gradient norm is NaN/Inf skips its optimizer update (counted as "
+                "faults/bad_steps in the metrics; weights and optimizer state stay those of the last good step). "
+                "This many bad steps in a row stop the run with an error, after saving a checkpoint of the last "
+                "good state. 0: never stop (every bad step is still skipped).")
     warmstart: WarmStartConfig = param(default_factory=WarmStartConfig, help="Supervised warm-start before RL.")
 
     def errors(self, prefix: str = "trainer") -> list[str]:
         """Every rule this section breaks, each naming the key and the fix (empty when valid)."""
         errs = _at_least(self, prefix, 1, "num_steps", "prompts_per_step", "optimizer_steps_per_rollout",
                          "micro_batch_tokens")
-        errs += _at_least(self, prefix, 0, "eval_every", "save_every")
+        errs += _at_least(self, prefix, 0, "eval_every", "save_every", "max_consecutive_bad_steps")
         if self.stop_after_steps is not None and self.stop_after_steps < 1:
             errs.append(f"{prefix}.stop_after_steps = {self.stop_after_steps}: must be >= 1, or null to run to "
                         f"{prefix}.num_steps.")
@@ -99,6 +104,8 @@ class DataConfig:
     eval_path: str | None = param(None, help="Held-out prompts (same format). null: none / synthetic.")
     problem_field: str = param("problem", help="Column holding the problem text.")
     answer_field: str = param("answer", help="Column holding the reference answer.")
+    id_field: str = param("id", help="Column holding a row's id: a row repeating an earlier row's id is skipped "
+                                     "(or an error with data.strict). Rows without the column are not checked.")
     synthetic_task: str | None = param(None, help="Name of a built-in generated task (e.g. 'arithmetic') "
                                                   "used when train_path is null.")
     synthetic_options: dict[str, int] = param(default_factory=dict, help="Settings of the synthetic task "
@@ -116,6 +123,10 @@ class DataConfig:
                                                "generation prompt). false: the raw text is the prompt.")
     max_prompt_length: int = param(1024, help="Longest prompt in tokens, draft included (paper: 1024).")
     shuffle: bool = param(True, help="Shuffle prompts each epoch (deterministic by seed and epoch).")
+    strict: bool = param(False, help="A bad training row (no problem or answer, empty text, a duplicate id, a "
+                                     "prompt longer than max_prompt_length) stops the run before training, "
+                                     "naming the file and line. false: such rows are skipped with a warning "
+                                     "naming them and counted (data/skipped_rows in the step metrics).")
     tokenizer_path: str | None = param(None, help="Hugging Face tokenizer directory; null: the model's "
                                                   "hf_path, or the tokenizer the tiny recipe trains.")
 

@@ -1,7 +1,8 @@
 """Prompt datasets: JSONL or Parquet files with configurable field names, and the epoch loader.
 
-Training goes on past a bad row: a row that fails the shared row check (:func:`check_row`) is
-skipped, counted and logged with its file and line. A file that cannot be read at all (not UTF-8,
+Training goes on past a bad row: a row that fails the shared row check (:func:`check_row`), repeats
+an earlier row's id, or makes a prompt longer than ``data.max_prompt_length`` is skipped, counted and
+logged with its file and line (``data.strict: true`` makes it an error instead). A file that cannot be read at all (not UTF-8,
 invalid JSON, a line that is not an object, no rows) is a :class:`DataError` naming the file and line.
 """
 
@@ -9,10 +10,11 @@ from __future__ import annotations
 
 import logging
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from igrpo_megatron.data.rows import DataError, check_row, read_rows
+from igrpo_megatron.data.rows import DataError, Row, check_row, read_rows
 
 logger = logging.getLogger(__name__)
 
@@ -33,20 +35,25 @@ class LoadReport:
     skipped_rows: list[int] = field(default_factory=list)
 
 
-def load_prompts(path: str | Path, problem_field: str = "problem", answer_field: str = "answer"
-                 ) -> tuple[list[PromptRecord], LoadReport]:
-    """Records with a problem and an answer; rows failing :func:`check_row` are skipped, logged and counted.
+def load_prompts(path: str | Path, problem_field: str = "problem", answer_field: str = "answer", *,
+                 id_field: str = "id", strict: bool = False) -> tuple[list[PromptRecord], LoadReport]:
+    """Records with a problem and an answer; rows failing :func:`check_row`, or repeating an earlier
+    row's ``id_field`` value, are skipped, logged and counted (``strict``: the first one is raised).
 
     ``LoadReport.skipped_rows`` holds 1-based line (JSONL) or row (Parquet) numbers.
     """
     report = LoadReport()
     records = []
     first_problem = None
+    seen_ids: dict[str, str] = {}  # id -> where it was first seen
     for row in read_rows(path):
         report.rows += 1
         try:
             problem, answer = check_row(row, problem_field, answer_field)
+            _check_unique_id(row, id_field, seen_ids)
         except DataError as exc:
+            if strict:
+                raise DataError(f"{exc} (data.strict is true; set it to false to skip such rows)") from None
             report.skipped += 1
             report.skipped_rows.append(row.number)
             first_problem = first_problem or str(exc)
@@ -60,6 +67,41 @@ def load_prompts(path: str | Path, problem_field: str = "problem", answer_field:
     if report.skipped:
         logger.warning("%s: skipped %d of %d rows (see the warnings above)", path, report.skipped, report.rows)
     return records, report
+
+
+def _check_unique_id(row: Row, id_field: str, seen: dict[str, str]) -> None:
+    """A row whose ``id_field`` repeats an earlier row's is a :class:`DataError` (rows without one pass)."""
+    value = row.fields.get(id_field)
+    if value is None:
+        return
+    key = str(value)
+    if key in seen:
+        raise DataError(f"{row.where}, field {id_field!r}: duplicate id {value!r} (first at {seen[key]})")
+    seen[key] = row.where
+
+
+def drop_long_prompts(records: list[PromptRecord], prompt_tokens: Callable[[str], int], max_prompt_length: int,
+                      *, strict: bool = False) -> tuple[list[PromptRecord], int]:
+    """Records whose prompt (as sampled: template and chat wrapping included) fits ``max_prompt_length``.
+
+    Longer ones are skipped with a warning naming their file and line and counted (``strict``: a
+    :class:`DataError`). Returns the kept records and the number skipped.
+    """
+    kept = []
+    for record in records:
+        n = prompt_tokens(record.problem)
+        if n <= max_prompt_length:
+            kept.append(record)
+            continue
+        message = (f"{record.source}: the prompt is {n} tokens, longer than data.max_prompt_length = "
+                   f"{max_prompt_length}")
+        if strict:
+            raise DataError(f"{message} (data.strict is true; raise data.max_prompt_length or drop the row)")
+        logger.warning("skipping a row: %s", message)
+    if not kept:
+        raise DataError(f"every one of the {len(records)} training prompts is longer than data.max_prompt_length = "
+                        f"{max_prompt_length}; raise it")
+    return kept, len(records) - len(kept)
 
 
 class PromptLoader:

@@ -3,27 +3,41 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 from igrpo_megatron.config.schema import RecipeConfig
-from igrpo_megatron.data.datasets import PromptRecord, load_prompts
+from igrpo_megatron.data.datasets import PromptRecord, drop_long_prompts, load_prompts
 from igrpo_megatron.data.rows import DataError
 from igrpo_megatron.data.synthetic import build_task
 
 logger = logging.getLogger(__name__)
 
 
-def training_records(recipe: RecipeConfig) -> list[PromptRecord]:
-    """The training prompts: ``data.train_path``, else ``data.synthetic_task``'s train split."""
+def training_records(recipe: RecipeConfig, prompt_tokens: Callable[[str], int] | None = None
+                     ) -> tuple[list[PromptRecord], int]:
+    """The training prompts (``data.train_path``, else ``data.synthetic_task``'s train split) and how
+    many rows were skipped as unusable (see :func:`load_prompts`).
+
+    ``prompt_tokens`` (a problem's prompt length in tokens, as sampled) also drops prompts longer than
+    ``data.max_prompt_length``. ``data.strict`` turns every skip into a :class:`DataError`.
+    """
     d = recipe.data
+    skipped = 0
     if d.train_path:
-        records, _ = load_prompts(d.train_path, d.problem_field, d.answer_field)
-        return records
-    if d.synthetic_task:
+        records, report = load_prompts(d.train_path, d.problem_field, d.answer_field, id_field=d.id_field,
+                                       strict=d.strict)
+        skipped = report.skipped
+    elif d.synthetic_task:
         items = build_task(d.synthetic_task, d.synthetic_options).generate(d.synthetic_train_size, "train", seed=recipe.run.seed)
-        return [PromptRecord(p.problem, p.answer, f"{d.synthetic_task}:train:{i}") for i, p in enumerate(items)]
-    raise DataError("the recipe names no training prompts: set data.train_path (JSONL/Parquet) or "
-                     "data.synthetic_task (e.g. 'arithmetic')")
+        records = [PromptRecord(p.problem, p.answer, f"{d.synthetic_task}:train:{i}") for i, p in enumerate(items)]
+    else:
+        raise DataError("the recipe names no training prompts: set data.train_path (JSONL/Parquet) or "
+                        "data.synthetic_task (e.g. 'arithmetic')")
+    if prompt_tokens is not None:
+        records, too_long = drop_long_prompts(records, prompt_tokens, d.max_prompt_length, strict=d.strict)
+        skipped += too_long
+    return records, skipped
 
 
 def ensure_tokenizer(recipe: RecipeConfig, run_dir: Path) -> Path:

@@ -7,6 +7,7 @@ renamed into place only once complete, so a crash never leaves a half-written ch
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -20,6 +21,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, tensor_parallel
 from megatron.core.dist_checkpointing.core import CheckpointingException
+from torch.distributed.checkpoint.api import CheckpointException as TorchCheckpointException
 
 from igrpo_megatron.config.errors import UserError
 from igrpo_megatron.config.files import replace_directory, write_text
@@ -260,7 +262,12 @@ def save_training_checkpoint(root: str | os.PathLike, step: int, chunks: list[to
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)  # empty: dist_checkpointing warns about (and overwrites) anything in it
     _barrier()
-    dist_checkpointing.save(_full_sharded_state(chunks, optimizer, is_loading=False), str(tmp))
+    try:
+        dist_checkpointing.save(_full_sharded_state(chunks, optimizer, is_loading=False), str(tmp))
+    except BaseException:
+        if rank0:  # a save that failed part-way (disk full) must not keep holding the space it took
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     _barrier()
     if rank0:
         (tmp / "rng").mkdir()
@@ -279,6 +286,37 @@ def save_training_checkpoint(root: str | os.PathLike, step: int, chunks: list[to
     _barrier()
     logger.info("saved checkpoint %s", final)
     return final
+
+
+SAVE_ERRORS = (OSError, CheckpointingException, TorchCheckpointException)  # what a failed write raises
+
+
+def storage_problem(directory: str | os.PathLike, need_bytes: int = 0) -> str | None:
+    """Why files cannot be saved in ``directory`` now (None: they can): it cannot be created or written
+    (read-only, permissions, disk full), or it has less free space than ``need_bytes``."""
+    directory = Path(directory)
+    probe = directory / f".write_probe.{os.getpid()}"
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with open(probe, "wb") as fh:
+            fh.write(b"\0" * 4096)  # a real block: a full disk refuses it, an empty file might pass
+            fh.flush()
+            os.fsync(fh.fileno())
+    except OSError as exc:
+        return f"cannot write in {directory}: {exc.strerror or exc}"
+    finally:
+        with contextlib.suppress(OSError):  # a read-only directory refuses even the unlink of a missing file
+            probe.unlink()
+    free = shutil.disk_usage(directory).free
+    if free < need_bytes:
+        return f"{directory} has {free / 2**20:.1f} MiB free; the last checkpoint took {need_bytes / 2**20:.1f} MiB"
+    return None
+
+
+def checkpoint_bytes(root: str | os.PathLike) -> int:
+    """Size of the newest complete checkpoint under ``root`` (0 when there is none): what the next save needs."""
+    complete = sorted((p for p in Path(root).glob("step_*") if is_complete(p)), key=lambda p: p.name)
+    return sum(f.stat().st_size for f in complete[-1].rglob("*") if f.is_file()) if complete else 0
 
 
 def _prune(root: Path, keep_last: int) -> None:

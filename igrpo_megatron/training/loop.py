@@ -41,6 +41,10 @@ from igrpo_megatron.training.preemption import PREEMPTED_EXIT_CODE, StopRequest,
 logger = logging.getLogger(__name__)
 
 
+class TrainingDivergedError(RuntimeError):
+    """Too many steps in a row had a NaN/Inf loss or gradient (``trainer.max_consecutive_bad_steps``)."""
+
+
 def build_train_batch(rollout: RolloutBatch, recipe: RecipeConfig) -> tuple[TrainBatch, dict[str, float]]:
     """Group-normalised advantages for every trained group, as one TrainBatch (groups kept together)."""
     adv_cfg = recipe.algorithm.advantage
@@ -100,6 +104,10 @@ class RLTrainer:
         self.preempted = False  # stopped on a signal, after saving: the run should be requeued
         self.resume_from: Path | None = None
         self._started = False
+        self.data_skipped = 0  # training rows skipped as unusable (data/skipped_rows)
+        self.bad_in_a_row = 0  # steps in a row whose update was skipped for a NaN/Inf
+        self.faults = dict.fromkeys(("uniform_steps_skipped", "bad_steps", "failed_saves", "failed_weight_pushes",
+                                     "rollout_retries"), 0)  # cumulative counts, logged as faults/<name>
 
     # ------------------------------------------------------------------- setup
     def setup(self) -> None:
@@ -134,10 +142,17 @@ class RLTrainer:
         self.rank0 = self.layout.is_main
 
     def _setup_run_dir(self) -> None:
+        """The run and checkpoint directories must take files before anything is built (every rank agrees)."""
+        from igrpo_megatron.training.checkpoint import CheckpointError, storage_problem
+
+        problem: list[str | None] = [None]
         if self.rank0:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+            problem[0] = storage_problem(self.run_dir) or storage_problem(self._checkpoint_root())
             logger.info("run directory: %s", self.run_dir.resolve())
-        dist.barrier()
+        dist.broadcast_object_list(problem, src=0)
+        if problem[0] is not None:
+            raise CheckpointError(f"{problem[0]}: nothing was started; free some space or set run.output_dir / "
+                                  "checkpoint.save_dir to a writable directory")
 
     def _setup_tokenizer_and_data(self) -> None:
         from transformers import AutoTokenizer
@@ -153,8 +168,8 @@ class RLTrainer:
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.tokenizer_dir))
         self.fmt = PromptFormatter(self.tokenizer, self.recipe.data)
         t = self.recipe.trainer
-        self.loader = PromptLoader(training_records(self.recipe), t.prompts_per_step, self.recipe.run.seed,
-                                   shuffle=self.recipe.data.shuffle)
+        records, self.data_skipped = training_records(self.recipe, lambda p: len(self.fmt.encode_problem(p)))
+        self.loader = PromptLoader(records, t.prompts_per_step, self.recipe.run.seed, shuffle=self.recipe.data.shuffle)
 
     def _setup_policy(self) -> None:
         from igrpo_megatron.training.policy import MegatronPolicy
@@ -261,26 +276,42 @@ class RLTrainer:
             dist.broadcast_object_list(shared, src=0)
             if shared[2] is None:
                 return shared[0], shared[1]
+            self.faults["rollout_retries"] += 1
             logger.warning("step %d: rollout failed (%s); re-sending weights and retrying (%d)",
                            self.step, shared[2], attempt + 1)
-            self._push_weights(self.step)
+            self._push_weights(self.step, resend=True)
         raise RuntimeError(f"step {self.step}: the sidecar kept failing; see {self.run_dir / 'sidecar'}")
 
     def _rollout_rank0(self, records) -> tuple[TrainBatch, dict[str, float]]:
+        from igrpo_megatron.rollout.interfaces import StaleWeightsError
+
         rollout = self.client.run(self.rollout.run(records, self.step))
         batch, extra = build_train_batch(rollout, self.recipe)
         metrics = {**rollout.metrics, **extra, **{f"time/{k}": v for k, v in rollout.timings.items()}}
         metrics["rollout_tokens_per_s"] = rollout.generated_tokens / max(rollout.timings["rollout"], 1e-9)
         versions = {s.policy_version for s in rollout.samples}
-        if versions != {self.step}:
-            raise RuntimeError(f"step {self.step}: rollouts came from policy versions {sorted(versions)}")
+        if versions != {self.step}:  # never trained on: _rollout re-sends the weights and samples again
+            raise StaleWeightsError(f"step {self.step}: rollouts came from policy versions {sorted(versions)}",
+                                    url=self.client.client.base_url)
         return batch, metrics
 
-    def _push_weights(self, version: int) -> float:
+    def _push_weights(self, version: int, resend: bool = False) -> float:
+        """Every rank exports; rank 0 streams into the sidecar. A push the sidecar refuses is reported and
+        counted, not fatal: the next rollout comes back tagged with the old version, and ``_rollout``
+        pushes again (bounded by rollout.server.max_restarts) before anything is trained on."""
+        from igrpo_megatron.rollout.interfaces import WeightSyncError
+
         start = time.perf_counter()
         pairs = self.policy.export_hf_weights()
         if self.rank0:
-            self.client.run(self.sync.sync(pairs, version=version))
+            try:
+                self.client.run(self.sync.sync(pairs, version=version, resend=resend))
+            except WeightSyncError as exc:
+                self.faults["failed_weight_pushes"] += 1
+                logger.error("step %d: the sidecar did not take the weights of version %d (%s); the next rollout "
+                             "will push them again", self.step, version, exc)
+                for _ in pairs:  # the export is collective: the other ranks are still walking it
+                    pass
         else:
             for _ in pairs:  # the export is collective: every rank walks it
                 pass
@@ -298,10 +329,73 @@ class RLTrainer:
         timings["time/logprob"] = time.perf_counter() - t0
         t1 = time.perf_counter()
         out: dict[str, float] = {}
+        skipped = 0.0
         for part in _split(batch, steps):
             out = self.policy.train_step(part)
+            skipped += out.pop("update_skipped", 0.0)
         timings["time/train"] = time.perf_counter() - t1
-        return {**out, **timings}
+        return {**out, **timings, "updates_skipped": skipped}
+
+    def _train_guarded(self, batch: TrainBatch) -> dict[str, float]:
+        """Train on ``batch`` unless nothing can be learnt from it; count what was skipped and why.
+
+        A batch whose advantages are all zero (every group uniform: all right or all wrong) would move
+        nothing but the KL term, so it takes no optimizer update. An update with a NaN/Inf loss or
+        gradient is skipped by the policy (weights and Adam state untouched); ``trainer.max_consecutive_bad_steps``
+        of those in a row stop the run (see :meth:`_stop_if_diverged`).
+        """
+        if not any(s.advantage for s in batch.sequences):
+            self.faults["uniform_steps_skipped"] += 1
+            logger.warning("step %d: every group's rewards are uniform (zero advantage everywhere); no optimizer "
+                           "update this step", self.step)
+            out: dict[str, float] = {"updates_skipped": 1.0}
+        else:
+            out = self._train_on(batch)
+            bad = out["updates_skipped"] > 0
+            self.bad_in_a_row = self.bad_in_a_row + 1 if bad else 0
+            self.faults["bad_steps"] += int(bad)
+        return {**out, "data/skipped_rows": float(self.data_skipped),
+                **{f"faults/{k}": float(v) for k, v in self.faults.items()}}
+
+    def _stop_if_diverged(self) -> None:
+        """After ``trainer.max_consecutive_bad_steps`` non-finite steps in a row: save, then stop with an error."""
+        limit = self.recipe.trainer.max_consecutive_bad_steps
+        if not limit or self.bad_in_a_row < limit:
+            return
+        self.save_checkpoint()  # no bad update was applied: the weights are those of the last good step
+        raise TrainingDivergedError(
+            f"step {self.step}: {self.bad_in_a_row} steps in a row had a NaN/Inf loss or gradient norm "
+            f"(trainer.max_consecutive_bad_steps = {limit}); their updates were skipped and the last good state "
+            f"is saved in {self._checkpoint_root()}. Lower optimizer.lr, check the data and rewards, then resume "
+            "(checkpoint.resume=auto), or raise the limit")
+
+    def _save_or_defer(self, final: bool) -> bool:
+        """Save a checkpoint if the directory can take it (every rank agrees); else report, count, and
+        keep the state in memory for the next save to retry. A final save that cannot be done is an error."""
+        from igrpo_megatron.training.checkpoint import (
+            SAVE_ERRORS,
+            CheckpointError,
+            checkpoint_bytes,
+            storage_problem,
+        )
+
+        root = self._checkpoint_root()
+        problem: list[str | None] = [storage_problem(root, checkpoint_bytes(root)) if self.rank0 else None]
+        dist.broadcast_object_list(problem, src=0)
+        if problem[0] is None:
+            try:
+                self.save_checkpoint()
+                return True
+            except SAVE_ERRORS as exc:  # written part-way: the previous checkpoint stays `latest`
+                if dist.get_world_size() > 1:
+                    raise  # the other ranks may be inside the save's collectives: no agreed way on
+                problem[0] = f"{type(exc).__name__}: {exc}"
+        self.faults["failed_saves"] += 1
+        if final:
+            raise CheckpointError(f"step {self.step}: the final checkpoint could not be saved ({problem[0]})")
+        logger.error("step %d: checkpoint not saved (%s); training goes on with its state in memory and the next "
+                     "save tries again", self.step, problem[0])
+        return False
 
     def _evaluate(self) -> dict[str, float]:
         metrics = {}
@@ -323,8 +417,9 @@ class RLTrainer:
                 break
             step_start = time.perf_counter()
             batch, metrics = self._rollout(self.loader.next_batch())
-            metrics.update(self._train_on(batch))
+            metrics.update(self._train_guarded(batch))
             self.step += 1
+            self._stop_if_diverged()
             metrics["time/sync"] = self._push_weights(self.step)
             if self.rank0:  # what the sidecar itself reports, not what we believe we sent
                 metrics["sidecar_weight_version"] = float(self.client.run(self.sync.server_version()))
@@ -335,8 +430,8 @@ class RLTrainer:
                 metrics["time/eval"] = time.perf_counter() - t_eval  # outside time/step, like the save
             if t.save_every and self.step % t.save_every == 0 or self.step == last:
                 t_save = time.perf_counter()
-                self.save_checkpoint()
-                saved = self.step
+                if self._save_or_defer(final=self.step == last):
+                    saved = self.step
                 metrics["time/checkpoint"] = time.perf_counter() - t_save
             if self.rank0:
                 self._log(metrics)

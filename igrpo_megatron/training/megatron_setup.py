@@ -44,7 +44,7 @@ def build_model_chunks(model: ModelConfig, parallel: ParallelConfig, *, wrap_ddp
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=parallel.overlap_grad_reduce,
         use_distributed_optimizer=parallel.use_distributed_optimizer,
-        check_for_nan_in_grad=True,
+        check_for_nan_in_grad=False,  # MegatronPolicy.train_step skips (and counts) a non-finite update instead
         bucket_size=None if parallel.overlap_grad_reduce else None,
     )
     wrapped = []

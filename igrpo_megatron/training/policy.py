@@ -10,6 +10,7 @@ each micro-batch loss is already its exact share of the step's loss.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterator
 from functools import partial
 
@@ -200,16 +201,46 @@ class MegatronPolicy:
             return loss * scale, {}
 
         self._run(self.chunks, mbs, loss_fn, forward_only=False)
-        ok, grad_norm, _ = self.optimizer.step()
-        if not ok:
-            raise FloatingPointError("optimizer step skipped: non-finite gradients")
-        self.scheduler.step(increment=1)
         names = ["loss", "entropy", "token_logprob", "pg_loss", "kl_loss", "ratio_mean", "clip_frac_low", "clip_frac_high",
                  "kl_mean", "logprob_mismatch", "rollout_kl", "tis_weight_mean", "tis_clip_frac"]
-        out = sums.reduce(names, totals=("loss", "pg_loss", "kl_loss"))
+        out = sums.reduce(names, totals=("loss", "pg_loss", "kl_loss"))  # collective: before any skip decision
+        grad_sq = self._global_grad_sq()
+        ok = math.isfinite(out.get("loss", 0.0)) and math.isfinite(grad_sq)
+        if ok:  # Megatron's own check (found_inf) covers fp16 loss scaling only; bf16/fp32 NaNs get here
+            ok, grad_norm, _ = self.optimizer.step()
+        if not ok:
+            # Skip the update: no optimizer step, no schedule step, gradients dropped; weights and Adam
+            # moments stay those of the last good step. The loop counts these (trainer.max_consecutive_bad_steps).
+            self.optimizer.zero_grad()
+            for m in self.chunks:
+                m.zero_grad_buffer()
+            logger.warning("optimizer update skipped: non-finite loss %s or squared gradient norm %s",
+                           out.get("loss"), grad_sq)
+            return {**out, "grad_norm": math.sqrt(grad_sq) if grad_sq >= 0 else grad_sq,
+                    "lr": float(self.optimizer.param_groups[0]["lr"]), "update_skipped": 1.0}
+        self.scheduler.step(increment=1)
         out["grad_norm"] = float(grad_norm)
         out["lr"] = float(self.optimizer.param_groups[0]["lr"])
+        out["update_skipped"] = 0.0
         return out
+
+    def _global_grad_sq(self) -> float:
+        """Sum of squared gradients over every rank (float64): NaN or Inf when any gradient is.
+
+        Replicated parameters are counted once per replica, so this is a finiteness test, not the norm.
+        """
+        squares = []  # one float64 scalar per parameter, on the gradients' device (no per-tensor sync)
+        for chunk in self.chunks:
+            for p in chunk.parameters():
+                g = getattr(p, "main_grad", None)
+                g = p.grad if g is None else g
+                if g is not None:
+                    squares.append(torch.linalg.vector_norm(g.detach(), dtype=torch.float64) ** 2)
+        device = squares[0].device if squares else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        local = torch.stack(squares).sum() if squares else torch.zeros((), dtype=torch.float64, device=device)
+        if dist.is_initialized():
+            dist.all_reduce(local)
+        return float(local)
 
     # ----------------------------------------------------------- checkpoints
     def save(self, root: str, step: int, loop_state: dict, recipe_yaml: str) -> str:
