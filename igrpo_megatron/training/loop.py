@@ -30,6 +30,7 @@ import torch.distributed as dist
 
 from igrpo_megatron.algorithms.advantages import group_advantages
 from igrpo_megatron.algorithms.losses import needs_reference
+from igrpo_megatron.config.errors import UserError
 from igrpo_megatron.config.loader import recipe_to_yaml, save_resolved_recipe
 from igrpo_megatron.config.schema import RecipeConfig
 from igrpo_megatron.config.training import TrainerConfig
@@ -41,8 +42,11 @@ from igrpo_megatron.training.preemption import PREEMPTED_EXIT_CODE, StopRequest,
 logger = logging.getLogger(__name__)
 
 
-class TrainingDivergedError(RuntimeError):
-    """Too many steps in a row had a NaN/Inf loss or gradient (``trainer.max_consecutive_bad_steps``)."""
+class TrainingDivergedError(UserError, RuntimeError):
+    """Too many steps in a row had a NaN/Inf loss or gradient (``trainer.max_consecutive_bad_steps``).
+
+    A user error (``igrpo train`` prints the message and exits 2): the fix is in the recipe or the
+    data, and the last good state is saved to resume from."""
 
 
 def build_train_batch(rollout: RolloutBatch, recipe: RecipeConfig) -> tuple[TrainBatch, dict[str, float]]:
