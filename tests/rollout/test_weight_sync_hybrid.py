@@ -182,6 +182,11 @@ def test_tp2_hybrid_step_reaches_the_sidecar(hybrid_sidecar, transport, kind):
         assert set(new) == set(old)
         # Every tensor moved (Adam's first step): Mamba's A_log, D, dt_bias, conv1d and norms included.
         assert [n for n in old if torch.equal(new[n], old[n])] == []
+        # ... each element by at most lr (Adam's first update is lr * g / (|g| + eps)). A TP merge that
+        # put a Mamba component's rows in the wrong place would move elements by whole weight values.
+        lr = _recipe("unused").optimizer.lr
+        moved = {n: (new[n] - old[n]).abs().max().item() for n in old}
+        assert max(moved.values()) <= lr * 1.001, {n: v for n, v in moved.items() if v > lr * 1.001}
         assert (out["version"], out["server_version"]) == (1, "1")
         for prompt, group in zip(PROMPTS, out["groups"], strict=True):
             c = group.completions[0]
