@@ -134,9 +134,11 @@ def run_compare(recipe_path: str, overrides: list[str], seeds: list[int], out_di
                        "the comparison is not at a matched budget")
     write_text(root / "compare.json", json.dumps({"recipe": str(recipe_path), "overrides": overrides, "seeds": seeds,
                                                   "budget_matched": matched, "runs": results}, indent=1))
-    text = (f"# GRPO vs iGRPO: {recipe_path}, seeds {seeds}\n\nMatched budget: GRPO samples "
-            f"{base.algorithm.group_size} per prompt, iGRPO {base.algorithm.igrpo.num_drafts} drafts + "
-            f"{base.algorithm.igrpo.num_refinements} refinements.\n\n{table}\n\n![curves](compare.png)\n")
+    ig = base.algorithm.igrpo
+    text = (f"# GRPO vs iGRPO: {recipe_path}, seeds {seeds}\n\nBudget: GRPO samples {base.algorithm.group_size} "
+            f"per prompt, iGRPO N + K x G = {ig.num_drafts} + {ig.num_rounds} x {ig.num_refinements} = "
+            f"{ig.completions_per_prompt()}; generated completions {'matched' if matched else 'NOT matched'} "
+            f"(compare.json).\n\n{table}\n\n![curves](compare.png)\n")
     write_text(root / "compare.md", text)
     logger.info("comparison written to %s\n%s", root / "compare.md", table)
     return root
