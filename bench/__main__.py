@@ -14,7 +14,7 @@ Entries (``--only`` picks some, in this order):
 
 Prints progress, then one table (every figure beside its ceiling or baseline and their ratio,
 with the issue's goal where there is one), and writes all figures and details as JSON
-(``--json``, default WORKDIR/bench.json; written atomically). ``KEY=VALUE`` overrides apply to
+(``--json``, default WORKDIR/bench.json; written atomically after every entry). ``KEY=VALUE`` overrides apply to
 the recipe as in ``igrpo train``. Exit code 0 when every entry ran, 1 when one failed (the others
 still run and are reported), 2 for a bad recipe or entry name. bench/RESULTS.md holds a run's figures.
 """
@@ -116,7 +116,8 @@ def write_json(path: Path, payload: dict) -> None:
     write_text(path, json.dumps(payload, indent=1, default=str))
 
 
-def run(ctx: Context, names: list[str]) -> dict[str, dict]:
+def run(ctx: Context, names: list[str], on_entry=None) -> dict[str, dict]:
+    """Run the entries in order; ``on_entry(results)`` after each (the JSON is rewritten as they finish)."""
     entries = _entries()
     start = time.perf_counter()
     for i, name in enumerate(names, 1):
@@ -131,6 +132,8 @@ def run(ctx: Context, names: list[str]) -> dict[str, dict]:
             ctx.results[name] = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
         ctx.results[name]["seconds"] = time.perf_counter() - t0
         logger.info("[%d/%d] %s done in %.0f s", i, len(names), name, ctx.results[name]["seconds"])
+        if on_entry is not None:
+            on_entry(ctx.results)
     return ctx.results
 
 
@@ -155,18 +158,23 @@ def main(argv: list[str] | None = None) -> int:
     started = datetime.datetime.now(datetime.UTC)
     load_start = load_average()
     t0 = time.perf_counter()
-    results = run(ctx, [n for n in NAMES if n in names])
-    text = table(results)
-    print("\n" + text)
     out = Path(args.json) if args.json else work / "bench.json"
-    payload = {"command": " ".join(["python -m bench", *(argv if argv is not None else sys.argv[1:])]),
-               "started_utc": started.isoformat(timespec="seconds"), "seconds": time.perf_counter() - t0,
-               "machine": {"host": platform.node(), "cpus": os.cpu_count(), "python": platform.python_version(),
-                           "load_average_start": load_start, "load_average_end": load_average()},
-               "entries": results, "table": text}
-    write_json(out, payload)
-    print(f"\nJSON: {out}  ({payload['seconds']:.0f} s; load average {load_start} at start, "
-          f"{payload['machine']['load_average_end']} at end, {os.cpu_count()} CPUs)")
+
+    def payload(results: dict, done: bool) -> dict:
+        return {"command": " ".join(["python -m bench", *(argv if argv is not None else sys.argv[1:])]),
+                "started_utc": started.isoformat(timespec="seconds"), "seconds": time.perf_counter() - t0,
+                "complete": done, "machine": {"host": platform.node(), "cpus": os.cpu_count(),
+                                              "python": platform.python_version(), "load_average_start": load_start,
+                                              "load_average_end": load_average()},
+                "entries": results, "table": table(results)}
+
+    # Rewritten after every entry, so a run cut short keeps what it measured.
+    results = run(ctx, [n for n in NAMES if n in names], on_entry=lambda r: write_json(out, payload(r, False)))
+    final = payload(results, True)
+    write_json(out, final)
+    print("\n" + final["table"])
+    print(f"\nJSON: {out}  ({final['seconds']:.0f} s; load average {load_start} at start, "
+          f"{final['machine']['load_average_end']} at end, {os.cpu_count()} CPUs)")
     return 1 if any("error" in r for r in results.values()) else 0
 
 
