@@ -107,9 +107,9 @@ def _apply_overrides(cfg: DictConfig, overrides: list[str], known: set[str],
         raise RecipeError(f"{COMMAND_LINE}: cannot parse overrides: {exc}") from None
     for ov in parsed:
         key = ov.key_or_group
-        exists = OmegaConf.select(cfg, key, default=_ABSENT) is not _ABSENT or key in known
+        exists = _present(cfg, key) or key in known
         if ov.is_delete():
-            if OmegaConf.select(cfg, key, default=_ABSENT) is _ABSENT and key not in known:
+            if not exists:
                 raise RecipeError(f"{COMMAND_LINE}: cannot delete '~{key}': no such key")
             _delete(cfg, key)
             origin.pop(key, None)
@@ -129,6 +129,11 @@ def _apply_overrides(cfg: DictConfig, overrides: list[str], known: set[str],
 
 
 _ABSENT = object()
+
+
+def _present(cfg: DictConfig, key: str) -> bool:
+    """Whether ``key`` is set, without resolving it (an earlier override may hold a broken ``${...}``)."""
+    return OmegaConf.select(cfg, key, default=_ABSENT, throw_on_resolution_failure=False) is not _ABSENT
 
 
 def _check_shapes(schema: Any, user: Any, origin: dict[str, str], prefix: str = "") -> None:

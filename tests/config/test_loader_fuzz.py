@@ -25,7 +25,9 @@ from igrpo_megatron.config.schema import RecipeConfig
 
 pytestmark = pytest.mark.faults
 
-FUZZ = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# derandomize: CI sees the same examples on every run (a failure found there reproduces); run with
+# `--hypothesis-seed=random`-style settings locally to explore further.
+FUZZ = settings(max_examples=100, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 
 
 def _keys(cls=RecipeConfig, prefix="") -> list[str]:
