@@ -395,4 +395,6 @@ def _has_mamba_layers(model_path) -> bool:
         cfg = json.loads((Path(str(model_path)) / "config.json").read_text())
     except (OSError, ValueError, TypeError):
         return False
-    return "M" in str(cfg.get("hybrid_override_pattern") or "") or "mamba" in str(cfg.get("model_type", ""))
+    return ("M" in str(cfg.get("hybrid_override_pattern") or "")
+            or any(str(b).lower() in ("mamba", "linear_attention") for b in cfg.get("layers_block_type") or [])
+            or any(t in str(cfg.get("model_type", "")) for t in ("mamba", "nemotron_h")))

@@ -26,6 +26,13 @@ def test_hybrid_model_gets_prefix_caching_off(tmp_path):
     assert cmd.count("--no-enable-prefix-caching") == 1
 
 
+def test_hybrid_as_the_exporter_writes_it(tmp_path):
+    # models/hf_nemotron_h.py writes the layer kinds as layers_block_type, not the pattern string.
+    # (Nemotron-H names its Mamba blocks "linear_attention"; older configs say "mamba".)
+    cmd = _command(tmp_path, {"model_type": "other", "layers_block_type": ["linear_attention", "full_attention", "mlp"]})
+    assert "--no-enable-prefix-caching" in cmd
+
+
 def test_attention_only_model_keeps_prefix_caching(tmp_path):
     cmd = _command(tmp_path, {"model_type": "qwen2"})
     assert "--no-enable-chunked-prefill" in cmd
