@@ -124,7 +124,7 @@ def _set_rng_state(state: dict) -> None:
 
 
 def _ensure_optimizer_state(optimizer) -> None:
-    """Give every parameter placeholder Adam state (zeros, step 0) before a load.
+    """Give every parameter without Adam state the state Adam starts from (zeros, step 0).
 
     A fresh torch Adam has no state until its first step, and Megatron's distributed optimizer
     (without TE/Apex) reads the step count out of that state when it describes what to load;
@@ -137,6 +137,30 @@ def _ensure_optimizer_state(optimizer) -> None:
                 if not inner.state[p]:
                     inner.state[p].update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(p.data),
                                           exp_avg_sq=torch.zeros_like(p.data))
+
+
+def _is_distributed(opt) -> bool:
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    return isinstance(opt, DistributedOptimizer)
+
+
+def _restore_zero_step(sd) -> None:
+    """megatron-core saves the Adam step shared by all parameters only when it is non-zero (``if step:``),
+    so a checkpoint taken before the first update (every step so far skipped) has none: its step is 0."""
+    if isinstance(sd, list):
+        for v in sd:
+            _restore_zero_step(v)
+        return
+    if not isinstance(sd, dict):
+        return
+    st = sd.get("state")
+    if (isinstance(st, dict) and "common_step" not in st
+            and any(isinstance(v, dict) and "exp_avg" in v and "step" not in v for v in st.values())):
+        st["common_step"] = torch.tensor(0.0)
+    for v in sd.values():
+        if isinstance(v, dict | list):
+            _restore_zero_step(v)
 
 
 def _tolerate_missing_step(opt) -> None:
@@ -176,8 +200,10 @@ def _unshare_adam_steps(optimizer) -> None:
 
 
 def _full_sharded_state(chunks, optimizer, is_loading: bool) -> dict:
-    if is_loading:
-        _ensure_optimizer_state(optimizer)
+    # Also before a save: a run stopped before its first optimizer update (every step so far had
+    # uniform groups) must still save Adam state, or its checkpoint could not be loaded. The zeros
+    # and step 0 are exactly what torch Adam would create at its first step.
+    _ensure_optimizer_state(optimizer)
     model_sd = _model_sharded_state_dict(chunks)
     state = dict(model_sd)
     state["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=is_loading, metadata=_OPTIM_METADATA)
@@ -354,6 +380,8 @@ def load_training_checkpoint(path: str | os.PathLike, chunks: list[torch.nn.Modu
     for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
         opt.optimizer.state.clear()
         _tolerate_missing_step(opt)
+    if not any(_is_distributed(opt) for opt in getattr(optimizer, "chained_optimizers", [optimizer])):
+        _restore_zero_step(state["optimizer"])
     optimizer.load_state_dict(state["optimizer"])
     _unshare_adam_steps(optimizer)
     world = dist.get_world_size() if dist.is_initialized() else 1
