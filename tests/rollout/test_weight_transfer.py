@@ -52,6 +52,8 @@ from tests.helpers.tiny_models import build_tiny_qwen2, hf_token_logprobs, load_
 from tests.rollout.conftest import sidecar_config
 from tests.rollout.test_weight_sync_tp import _batch, _hf_greedy, _recipe, _recorded
 
+ROOT = Path(__file__).resolve().parents[2]
+
 PROMPTS = [[5, 17, 42, 99, 7], [300, 12, 9, 44]]
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12)
 BUCKET_BYTES = 256 * 1024  # the tiny model (~1.5 MB) goes in several buckets
@@ -147,19 +149,30 @@ def _unshare_works() -> str | None:
     return None if out.returncode == 0 else f"unshare --mount failed: {out.stderr.strip()[:200]}"
 
 
-# Runs vLLM in a private mount namespace: fresh tmpfs on /dev/shm and /tmp, with only the model
-# directory ($IGRPO_KEEP_DIR, which lives under /tmp) carried over at its own path.
+# Runs vLLM in a private mount namespace: fresh tmpfs on /dev/shm and /tmp, with only the
+# directories in $IGRPO_KEEP_DIRS that live under /tmp (the model; the project and its venv when
+# the checkout itself is under /tmp) carried over at their own paths.
 _PRIVATE_MOUNTS = """#!/bin/sh
 exec unshare --mount --propagation private /bin/sh -c '
 set -e
 mount -t tmpfs none /dev/shm
-mkdir /dev/shm/.keep
-mount --bind "$IGRPO_KEEP_DIR" /dev/shm/.keep
+i=0
+for d in $IGRPO_KEEP_DIRS; do mkdir /dev/shm/.keep$i; mount --bind "$d" /dev/shm/.keep$i; i=$((i+1)); done
 mount -t tmpfs none /tmp
-mkdir -p "$IGRPO_KEEP_DIR"
-mount --move /dev/shm/.keep "$IGRPO_KEEP_DIR"
+i=0
+for d in $IGRPO_KEEP_DIRS; do mkdir -p "$d"; mount --move /dev/shm/.keep$i "$d"; i=$((i+1)); done
 exec "$0" "$@"' "{python}" "$@"
 """
+
+
+def _keep_dirs(*paths: Path) -> str:
+    """The given directories that lie under /tmp, outermost only (a bind of a parent carries its children)."""
+    under = sorted({p.resolve() for p in paths if p.resolve().is_relative_to("/tmp")}, key=lambda p: len(p.parts))
+    keep: list[Path] = []
+    for p in under:
+        if not any(p.is_relative_to(k) for k in keep):
+            keep.append(p)
+    return " ".join(str(p) for p in keep)
 
 
 @pytest.fixture(scope="module")
@@ -174,7 +187,7 @@ def gloo_sidecar(tmp_path_factory):
         wrapper = tmp_path_factory.mktemp("wrapper") / "python-in-private-mounts"
         wrapper.write_text(_PRIVATE_MOUNTS.replace("{python}", os.environ.get("IGRPO_VLLM_PYTHON", sys.executable)))
         wrapper.chmod(0o755)
-        python, env = str(wrapper), {"IGRPO_KEEP_DIR": str(model_dir)}
+        python, env = str(wrapper), {"IGRPO_KEEP_DIRS": _keep_dirs(Path(model_dir), ROOT, Path(sys.prefix))}
     server = RolloutServer(sidecar_config(extra_env=env), model_path=model_dir, python=python,
                            log_dir=tmp_path_factory.mktemp("gloo_logs"), weight_transfer_backend="gloo")
     server.start()
