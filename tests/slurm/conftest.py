@@ -19,6 +19,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -33,6 +34,16 @@ SCRATCH_ROOT = os.environ.get("IGRPO_SLURM_SCRATCH", "/var/tmp")
 # Terminal job states (without accounting, slurmctld forgets a job MinJobAge = 300 s after it ends).
 FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
                 "DEADLINE", "PREEMPTED"}
+
+
+def private_tmp_blocker() -> str | None:
+    """Why jobs cannot have a private /tmp here, or None: job_container/tmpfs mounts a fresh /tmp for
+    every job, which would hide a checkout (or its Python) that itself lives under /tmp."""
+    for path in (HERE.parents[1], Path(sys.prefix)):
+        if path.resolve().is_relative_to("/tmp"):
+            return (f"{path} lies under /tmp, which job_container/tmpfs would hide from the jobs; they run "
+                    "without private /tmp and /dev/shm here (clone outside /tmp to test the isolation)")
+    return None
 
 
 def _free_port() -> int:
@@ -84,6 +95,8 @@ class SlurmCluster:
             text = (HERE / f"{name}.in").read_text()
             for key, value in values.items():
                 text = text.replace(f"@{key}@", str(value))
+            if private_tmp_blocker() is not None:
+                text = text.replace("JobContainerType=job_container/tmpfs", "JobContainerType=job_container/none")
             (d / name).write_text(text)
         m = d / "munge"
         self._run(["mungekey", "--create", f"--keyfile={m}/munge.key"])

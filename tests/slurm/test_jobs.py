@@ -32,6 +32,7 @@ import pytest
 import torch
 
 from tests.helpers.distributed import free_port, run_on_ranks
+from tests.slurm.conftest import private_tmp_blocker
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.slurm, pytest.mark.vllm, pytest.mark.timeout(3600)]
@@ -173,6 +174,9 @@ def _load_warmstart(rank, world_size, run_dir):
 
 def test_heterogeneous_components_share_only_the_network(slurm, tmp_path_factory):
     """The premise of the heterogeneous test: its two components see different /dev/shm and /tmp."""
+    why_not = private_tmp_blocker()
+    if why_not is not None:
+        pytest.skip(why_not)
     out = Path(slurm.dir) / "isolation"
     out.mkdir()
     script = out / "probe.sbatch"
