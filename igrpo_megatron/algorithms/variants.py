@@ -4,7 +4,8 @@ A variant is data, not code: the fields it changes (:data:`LOSS_VARIANTS`, kept 
 ``config/algorithm.py`` so that the recipe loader applies ``algorithm.variant`` from the same
 table). iGRPO is orthogonal to all of them (it changes what is sampled and for which prompt), so
 ``with_variant(cfg, "dapo")`` keeps ``cfg.igrpo``. DAPO's dynamic sampling and overlong reward
-shaping live in the rollout and reward layers.
+shaping are switched on here (``dynamic_sampling.enabled``, ``overlong_penalty.enabled``); their
+functions are ``algorithms.dynamic_sampling`` and ``algorithms.overlong``, which the rollout applies.
 """
 
 from __future__ import annotations

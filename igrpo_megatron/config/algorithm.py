@@ -25,25 +25,34 @@ TRAIN_ROUNDS = ("all", "last")
 
 # Named members of the GRPO family: section -> field -> value, relative to ``algorithm``.
 # Sources: GRPO arXiv 2402.03300, Dr.GRPO 2503.20783, DAPO 2503.14476, GSPO 2507.18071.
+# Only DAPO samples dynamically and shapes over-long rewards; the others switch both off, so a
+# variant named over a base that turned them on gives that variant's own settings.
+_DAPO_EXTRAS_OFF = {"dynamic_sampling": {"enabled": False}, "overlong_penalty": {"enabled": False}}
 LOSS_VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
     "grpo": {
         "advantage": {"normalize_by_std": True},
         "loss": {"ratio_level": "token", "clip_low": 0.2, "clip_high": 0.2,
                  "aggregation": "seq_mean_token_mean"},
+        **_DAPO_EXTRAS_OFF,
     },
     "dr_grpo": {
         "advantage": {"normalize_by_std": False},
         "loss": {"ratio_level": "token", "clip_low": 0.2, "clip_high": 0.2,
                  "aggregation": "seq_mean_token_sum_norm"},
+        **_DAPO_EXTRAS_OFF,
     },
     "dapo": {
         "advantage": {"normalize_by_std": True},
         "loss": {"ratio_level": "token", "clip_low": 0.2, "clip_high": 0.28, "aggregation": "token_mean"},
+        "dynamic_sampling": {"enabled": True},
+        # The buffer stays null: a fifth of the completion budget, DAPO's 4,096 of 20,480.
+        "overlong_penalty": {"enabled": True, "penalty_factor": 1.0},
     },
     "gspo": {
         "advantage": {"normalize_by_std": True},
         "loss": {"ratio_level": "sequence", "clip_low": 3e-4, "clip_high": 4e-4,
                  "aggregation": "seq_mean_token_mean"},
+        **_DAPO_EXTRAS_OFF,
     },
 }
 # Dr.GRPO's constant divisor: the rollout's maximum completion length unless the recipe sets one.
@@ -258,14 +267,79 @@ class IGRPOConfig:
 
 
 @dataclass
+class DynamicSamplingConfig:
+    """DAPO's dynamic sampling (arXiv 2503.14476): train only on groups that carry a learning signal."""
+
+    enabled: bool = param(
+        False, help="Drop every trained group whose rewards are all equal (zero advantage: nothing to learn) "
+                    "and roll out more prompts (trainer.prompts_per_step more per extra round) until "
+                    "trainer.prompts_per_step prompts have a group left; surplus prompts of the last round are "
+                    "not trained on. Under iGRPO the refinement groups are the trained ones: a prompt whose "
+                    "refinement group is all-equal is dropped and the refill runs the whole two-stage rollout "
+                    "on new prompts. The test is on the reward that becomes the advantage (after "
+                    "algorithm.overlong_penalty), so with a 0/1 reward it is DAPO's all-right/all-wrong "
+                    "filter. false: every group is trained on.")
+    max_extra_rounds: int = param(
+        4, help="Most extra rollout rounds per step (0: filter only, never refill). When they are spent the "
+                "step trains on the groups it has (a warning and dynamic_sampling/short_batch = 1), and a step "
+                "with none left takes no update, like any all-uniform step. DAPO's paper sets no bound.")
+
+    def errors(self, prefix: str = "algorithm.dynamic_sampling") -> list[str]:
+        if self.max_extra_rounds < 0:
+            return [f"{prefix}.max_extra_rounds = {self.max_extra_rounds}: must be >= 0 (0: drop uniform groups "
+                    "without sampling more prompts)."]
+        return []
+
+
+@dataclass
+class OverlongPenaltyConfig:
+    """DAPO's soft overlong punishment (arXiv 2503.14476): a length penalty added to every reward.
+
+    With L_max = rollout.sampling.max_tokens and L_cache = overlong_buffer, a completion of |y| tokens
+    gets ``penalty_factor`` times 0 (|y| <= L_max - L_cache), (L_max - L_cache - |y|) / L_cache (inside
+    the buffer) or -1 (beyond L_max).
+    """
+
+    enabled: bool = param(
+        False, help="Add the soft overlong penalty to the reward of every sampled completion, drafts included, "
+                    "before anything reads it: the advantages (as in DAPO), dynamic sampling, and iGRPO's draft "
+                    "selection (the paper selects drafts with the training reward, so a draft that ran into the "
+                    "limit loses to an equally good shorter one). Logged as overlong/penalty_mean and "
+                    "overlong/penalised_fraction. false: rewards as scored.")
+    overlong_buffer: int | None = param(
+        None, help="L_cache: the last tokens before rollout.sampling.max_tokens over which the penalty grows "
+                   "linearly from 0 to -penalty_factor. Must be between 1 and max_tokens. null: a fifth of "
+                   "max_tokens (DAPO: 4,096 of 20,480).")
+    penalty_factor: float = param(
+        1.0, help="Scale of the penalty: -penalty_factor at max_tokens. DAPO: 1.0. Must be >= 0.")
+
+    def buffer_tokens(self, max_tokens: int) -> int:
+        """L_cache for a rollout of at most ``max_tokens`` completion tokens."""
+        return self.overlong_buffer if self.overlong_buffer is not None else max(max_tokens // 5, 1)
+
+    def errors(self, max_tokens: int, prefix: str = "algorithm.overlong_penalty") -> list[str]:
+        """Rules of this section against the rollout's ``max_tokens`` (``rollout.sampling.max_tokens``)."""
+        errs = []
+        if self.penalty_factor < 0:
+            errs.append(f"{prefix}.penalty_factor = {self.penalty_factor}: must be >= 0 (it scales a penalty).")
+        if self.overlong_buffer is not None and not 1 <= self.overlong_buffer <= max_tokens:
+            errs.append(f"{prefix}.overlong_buffer = {self.overlong_buffer}: must be between 1 and "
+                        f"rollout.sampling.max_tokens = {max_tokens} (the penalty grows over the last "
+                        "overlong_buffer tokens); lower it, or null for a fifth of max_tokens.")
+        return errs
+
+
+@dataclass
 class AlgorithmConfig:
     """Recipe section ``algorithm``: everything that turns rewards into a loss."""
 
     variant: str | None = param(
         None, choices=(None, *LOSS_VARIANTS),
         help="Named loss family member: 'grpo', 'dr_grpo' (no std scaling, sum / max completion length), "
-             "'dapo' (clip-higher 0.28, token mean) or 'gspo' (sequence ratio, clips 3e-4 / 4e-4). The "
-             "loader writes its advantage.* and loss.* fields; a field set in the same recipe file, a file "
+             "'dapo' (clip-higher 0.28, token mean, dynamic sampling and overlong penalty on) or 'gspo' "
+             "(sequence ratio, clips 3e-4 / 4e-4); all but 'dapo' turn dynamic_sampling and overlong_penalty "
+             "off. The loader writes its advantage.*, loss.*, dynamic_sampling.enabled and "
+             "overlong_penalty.enabled (DAPO: and penalty_factor 1.0) fields (LOSS_VARIANTS); a field set in the same recipe file, a file "
              "that inherits it, or on the command line wins (fields set only in files it inherits from do "
              "not). Independent of igrpo.enabled. null: the fields as written.")
     group_size: int = param(
@@ -274,6 +348,10 @@ class AlgorithmConfig:
     advantage: AdvantageConfig = param(default_factory=AdvantageConfig, help="Group advantages.")
     loss: PolicyLossConfig = param(default_factory=PolicyLossConfig, help="Policy loss.")
     igrpo: IGRPOConfig = param(default_factory=IGRPOConfig, help="iGRPO wrapper.")
+    dynamic_sampling: DynamicSamplingConfig = param(default_factory=DynamicSamplingConfig,
+                                                    help="DAPO's dynamic sampling (drop uniform groups, refill).")
+    overlong_penalty: OverlongPenaltyConfig = param(default_factory=OverlongPenaltyConfig,
+                                                    help="DAPO's soft overlong reward shaping.")
 
     def errors(self, prefix: str = "algorithm") -> list[str]:
         """Every rule the section breaks, one message each (empty when valid)."""
@@ -289,6 +367,7 @@ class AlgorithmConfig:
             errs.append(f"{prefix}.advantage.eps must be >= 0.")
         errs += _loss_errors(self.loss, f"{prefix}.loss")
         errs += self.igrpo.errors(f"{prefix}.igrpo")
+        errs += self.dynamic_sampling.errors(f"{prefix}.dynamic_sampling")
         return errs
 
 

@@ -409,6 +409,10 @@ def format_plan(plan: Plan, recipe: RecipeConfig) -> str:
     lines.append(f"rollout per step: {recipe.trainer.prompts_per_step} prompts, {plan.samples_per_step} samples "
                  f"(<= {plan.generated_tokens_max:,} generated tokens), {plan.trained_sequences_per_step} trained "
                  f"sequences (<= {plan.trained_tokens_max:,} tokens)")
+    if recipe.algorithm.dynamic_sampling.enabled:  # each extra round rolls out as many prompts again
+        rounds = 1 + recipe.algorithm.dynamic_sampling.max_extra_rounds
+        lines.append(f"  dynamic sampling: up to {rounds - 1} extra rounds, <= {rounds * plan.samples_per_step} "
+                     f"samples (<= {rounds * plan.generated_tokens_max:,} generated tokens) per step")
     lines.append(f"budget: {plan.budget}")
     lines += [f"warning: {w}" for w in plan.warnings]
     lines += [f"error: {e}" for e in plan.errors]

@@ -67,5 +67,7 @@ class RecipeConfig:
     cluster: ClusterConfig = param(default_factory=ClusterConfig, help="Nodes and Slurm settings.")
 
     def errors(self) -> list[str]:
-        """Rules that span sections: the parallel layout must fit the model (see config/layout.py)."""
-        return layout_errors(self.model, self.parallel)
+        """Rules that span sections: the parallel layout must fit the model (see config/layout.py), the
+        overlong penalty's buffer the rollout's completion budget."""
+        return (layout_errors(self.model, self.parallel)
+                + self.algorithm.overlong_penalty.errors(self.rollout.sampling.max_tokens))

@@ -7,6 +7,13 @@ are still drafting: the two stages overlap instead of running one after the othe
 ``barrier=True`` runs Stage 1 for every prompt before any Stage 2 (for comparison only).
 Plain GRPO is the same path with Stage 1 switched off (``algorithm.igrpo.enabled: false``).
 
+DAPO's two additions act here. ``algorithm.overlong_penalty`` adds the soft length penalty to every
+sample's reward as it is scored (drafts included, so selection sees the training reward).
+``algorithm.dynamic_sampling`` drops trained groups whose rewards are all equal after the step's
+prompts are rolled out, and rolls out more prompts (``more_prompts``) until the batch is full or the
+bound on extra rounds is spent; dropped groups stay in the batch, untrained, so the logged rewards
+and the completion budget count everything that was sampled.
+
 This module knows nothing about Megatron: it returns a :class:`RolloutBatch` of token ids,
 rollout log-probs, rewards, groups, stage, draft provenance and policy version.
 """
@@ -18,7 +25,7 @@ import dataclasses
 import hashlib
 import logging
 import time
-from collections.abc import Awaitable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
 from typing import TypeVar
@@ -26,7 +33,14 @@ from typing import TypeVar
 import torch
 
 from igrpo_megatron.algorithms.draft_selection import DraftSelection
+from igrpo_megatron.algorithms.dynamic_sampling import (
+    informative_groups,
+    kept_prompts,
+    needs_refill,
+    select_groups,
+)
 from igrpo_megatron.algorithms.igrpo import igrpo_step_metrics, round_metrics, select_with_config
+from igrpo_megatron.algorithms.overlong import overlong_penalty
 from igrpo_megatron.config.algorithm import AlgorithmConfig
 from igrpo_megatron.data.datasets import PromptRecord
 from igrpo_megatron.data.prompts import PromptFormatter
@@ -54,6 +68,7 @@ class Sample:
     policy_version: int
     finish_reason: str | None = None
     draft_source: int | None = None  # refinements: index of the conditioning sample in ``samples``
+    length_penalty: float = 0.0  # algorithm.overlong_penalty's share of ``reward`` (<= 0)
 
 
 @dataclass
@@ -183,11 +198,23 @@ class TwoStageRollout:
 
     def _add(self, out: list[Sample], completions: list[Completion], scored: RewardResult, *, index: int,
              stage: str, round_index: int, prompt_ids: list[int], source: int | None = None) -> list[int]:
+        """Append the scored completions (reward shaped by the overlong penalty, when on); their indices."""
         first = len(out)
-        for c, r, info in zip(completions, scored.rewards, scored.info, strict=True):
+        penalties = self._length_penalties(completions)
+        for c, r, info, pen in zip(completions, scored.rewards, scored.info, penalties, strict=True):
             out.append(Sample(index, stage, round_index, list(prompt_ids), list(c.token_ids), list(c.logprobs or []),
-                              c.text, float(r), bool(info.correct), c.policy_version, c.finish_reason, source))
+                              c.text, float(r) + pen, bool(info.correct), c.policy_version, c.finish_reason, source,
+                              pen))
         return list(range(first, len(out)))
+
+    def _length_penalties(self, completions: list[Completion]) -> list[float]:
+        """``algorithm.overlong_penalty`` of each completion (0 when off); L_max is the sampling's max_tokens."""
+        cfg = self.alg.overlong_penalty
+        if not cfg.enabled:
+            return [0.0] * len(completions)
+        max_tokens = self.sampling.max_tokens
+        return overlong_penalty([len(c.token_ids) for c in completions], max_tokens, cfg.buffer_tokens(max_tokens),
+                                cfg.penalty_factor).tolist()
 
     def _refinement_ids(self, record: PromptRecord, draft_text: str) -> list[int] | None:
         """Token ids of q' within ``max_prompt_length`` (chat template included), or None when none of
@@ -240,14 +267,18 @@ class TwoStageRollout:
             groups.append(source)
 
     # ------------------------------------------------------------------- step
-    async def run(self, records: Sequence[PromptRecord], step: int) -> RolloutBatch:
+    async def run(self, records: Sequence[PromptRecord], step: int,
+                  more_prompts: Callable[[int], Sequence[PromptRecord]] | None = None) -> RolloutBatch:
         """Rollouts for one step's prompts (GRPO or iGRPO, per the recipe).
 
-        If any prompt fails, the others are cancelled and the first error is raised.
+        ``more_prompts(k)`` gives the prompts of dynamic sampling's extra round k (1, 2, ...); it must
+        give the same prompts when asked again (a retried step samples what the first try did).
+        None: dynamic sampling only drops groups. If any prompt fails, the others are cancelled and the
+        first error is raised.
         """
         before = _request_counters(self.engine)
         try:
-            batch = await self._run(records, step)
+            batch = await self._run(records, step, more_prompts)
         except BaseException:
             await self._scorer.aclose()
             raise
@@ -256,39 +287,87 @@ class TwoStageRollout:
         batch.metrics.update({f"rollout/{k}": float(after[k] - before[k]) for k in after})
         return batch
 
-    async def _run(self, records: Sequence[PromptRecord], step: int) -> RolloutBatch:
+    async def _run(self, records: Sequence[PromptRecord], step: int,
+                   more_prompts: Callable[[int], Sequence[PromptRecord]] | None) -> RolloutBatch:
         out: list[Sample] = []
         groups: list[Group] = []
+        selections: list[list[DraftSelection | None]] = [[] for _ in range(self.alg.igrpo.num_rounds)]
         start = time.perf_counter()
-        if not self.alg.igrpo.enabled:
-            await _all_or_cancel(self._grpo(i, r, step, out, groups) for i, r in enumerate(records))
-            batch = _ordered_batch(out, groups)
-            batch.timings["rollout"] = time.perf_counter() - start
-            batch.metrics.update(_reward_metrics(batch))
-            return batch
-        selections: list[list[DraftSelection | None]] = [[None] * len(records) for _ in range(self.alg.igrpo.num_rounds)]
-
-        async def one(i: int, r: PromptRecord, drafts: Group | None = None):
-            drafts = drafts or await self._drafts(i, r, step, out, groups)
-            await self._refine(i, r, step, drafts, out, groups, selections)
-
-        if self.barrier:
-            drafted = await _all_or_cancel(self._drafts(i, r, step, out, groups) for i, r in enumerate(records))
-            stage1 = time.perf_counter() - start
-            await _all_or_cancel(one(i, r, d) for (i, r), d in zip(enumerate(records), drafted, strict=True))
-        else:
-            await _all_or_cancel(one(i, r) for i, r in enumerate(records))
-            stage1 = float("nan")  # the stages overlap: there is no Stage-1 boundary
+        stage1 = await self._sample_prompts(records, 0, step, out, groups, selections)
+        sampling: dict[str, float] = {}
+        if self.alg.dynamic_sampling.enabled:
+            sampling = await self._refill(len(records), step, out, groups, selections, more_prompts)
         batch = _ordered_batch(out, groups)
-        batch.timings.update(rollout=time.perf_counter() - start, rollout_stage1=stage1)
-        batch.metrics.update(self._igrpo_metrics(batch, selections))
+        batch.timings["rollout"] = time.perf_counter() - start
+        batch.metrics.update(sampling)
         batch.metrics.update(_reward_metrics(batch))
+        if self.alg.overlong_penalty.enabled:
+            batch.metrics.update(_overlong_metrics(batch))
+        if not self.alg.igrpo.enabled:
+            return batch
+        batch.timings["rollout_stage1"] = stage1
+        batch.metrics.update(self._igrpo_metrics(batch, selections))
         if batch.metrics["draft_dropped_rate"] > 0:
             logger.warning("step %d: %.0f%% of refinement prompts had no room for their draft within "
                            "data.max_prompt_length = %d and were sampled from the plain prompt; raise it or lower "
                            "algorithm.igrpo.prompt.max_draft_tokens", step,
                            100 * batch.metrics["draft_dropped_rate"], self.max_prompt_length)
         return batch
+
+    async def _sample_prompts(self, records: Sequence[PromptRecord], first: int, step: int, out: list[Sample],
+                              groups: list[Group], selections: list[list[DraftSelection | None]]) -> float:
+        """Roll out ``records`` as prompts ``first``, ``first + 1``, ... of the step (their sampling seeds);
+        returns the Stage-1 time with ``barrier``, else NaN (the stages overlap: no Stage-1 boundary)."""
+        indexed = list(enumerate(records, start=first))
+        if not self.alg.igrpo.enabled:
+            await _all_or_cancel(self._grpo(i, r, step, out, groups) for i, r in indexed)
+            return float("nan")
+        for per_prompt in selections:  # one slot per prompt of the step, filled by _refine
+            per_prompt.extend([None] * len(indexed))
+
+        async def one(i: int, r: PromptRecord, drafts: Group | None = None):
+            drafts = drafts or await self._drafts(i, r, step, out, groups)
+            await self._refine(i, r, step, drafts, out, groups, selections)
+
+        if not self.barrier:
+            await _all_or_cancel(one(i, r) for i, r in indexed)
+            return float("nan")
+        start = time.perf_counter()
+        drafted = await _all_or_cancel(self._drafts(i, r, step, out, groups) for i, r in indexed)
+        stage1 = time.perf_counter() - start
+        await _all_or_cancel(one(i, r, d) for (i, r), d in zip(indexed, drafted, strict=True))
+        return stage1
+
+    async def _refill(self, target: int, step: int, out: list[Sample], groups: list[Group],
+                      selections: list[list[DraftSelection | None]],
+                      more_prompts: Callable[[int], Sequence[PromptRecord]] | None) -> dict[str, float]:
+        """Dynamic sampling: more rounds of prompts until ``target`` prompts have a trained group whose
+        rewards differ (or ``max_extra_rounds`` are spent); then untrain every other group."""
+        cfg = self.alg.dynamic_sampling
+        extra, first = 0, target
+
+        def trained() -> tuple[list[Group], list[list[float]]]:
+            picked = [g for g in groups if g.trained]
+            return picked, [[out[i].reward for i in g.members] for g in picked]
+
+        while more_prompts is not None:
+            candidates, rewards = trained()
+            kept = kept_prompts([g.prompt_index for g in candidates], informative_groups(rewards))
+            if not needs_refill(len(kept), target, extra, cfg.max_extra_rounds):
+                break
+            extra += 1
+            records = list(more_prompts(extra))
+            await self._sample_prompts(records, first, step, out, groups, selections)
+            first += len(records)
+        candidates, rewards = trained()
+        keep, metrics = select_groups(rewards, [g.prompt_index for g in candidates], target, extra)
+        for group, trains in zip(candidates, keep, strict=True):
+            group.trained = trains
+        if metrics.short:
+            logger.warning("step %d: dynamic sampling kept %d of %d prompts after %d extra round(s) "
+                           "(algorithm.dynamic_sampling.max_extra_rounds = %d); training on what was gathered",
+                           step, metrics.kept_prompts, target, extra, cfg.max_extra_rounds)
+        return metrics.as_dict()
 
     def _igrpo_metrics(self, batch: RolloutBatch, selections) -> dict[str, float]:
         drafts = [g for g in batch.groups if g.stage == "draft"]
@@ -359,6 +438,14 @@ def _request_counters(engine: RolloutEngine) -> dict[str, int]:
     if counters is None:
         return {}
     return {"retries": counters.retries, "duplicate_generations": counters.duplicate_generations}
+
+
+def _overlong_metrics(batch: RolloutBatch) -> dict[str, float]:
+    """The overlong penalty over every sample of the step: its mean and the fraction it touched."""
+    penalties = [s.length_penalty for s in batch.samples]
+    n = max(len(penalties), 1)
+    return {"overlong/penalty_mean": sum(penalties) / n,
+            "overlong/penalised_fraction": sum(p < 0 for p in penalties) / n}
 
 
 def _reward_metrics(batch: RolloutBatch) -> dict[str, float]:

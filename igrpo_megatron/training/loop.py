@@ -38,6 +38,7 @@ from igrpo_megatron.rollout.two_stage import RolloutBatch
 from igrpo_megatron.training.batch import Sequence, TrainBatch
 from igrpo_megatron.training.interfaces import EvaluatorFactory
 from igrpo_megatron.training.preemption import PREEMPTED_EXIT_CODE, StopRequest, stop_agreed
+from igrpo_megatron.training.step_prompts import StepPrompts
 
 logger = logging.getLogger(__name__)
 
@@ -258,8 +259,8 @@ class RLTrainer:
         self._push_weights(self.step)  # the sidecar starts from the initial weights: bring it up to date
 
     # ------------------------------------------------------------------- train
-    def _rollout(self, records) -> tuple[TrainBatch | None, dict[str, float]]:
-        """The step's rollouts on rank 0, broadcast to every rank.
+    def _rollout(self, records, more_prompts=None) -> tuple[TrainBatch | None, dict[str, float]]:
+        """The step's rollouts on rank 0 (``more_prompts``: dynamic sampling's refills), broadcast to every rank.
 
         If the sidecar dies (or restarted and lost the weights), rank 0 restarts it, every rank
         re-sends the current weights (the export is collective) and the step's rollouts run again:
@@ -271,7 +272,7 @@ class RLTrainer:
             batch = metrics = failure = None
             if self.rank0:
                 try:
-                    batch, metrics = self._rollout_rank0(records)
+                    batch, metrics = self._rollout_rank0(records, more_prompts)
                 except SidecarError as exc:
                     failure = f"{type(exc).__name__}: {exc}"
                     self.server.ensure_running()
@@ -286,10 +287,10 @@ class RLTrainer:
             self._push_weights(self.step, resend=True)
         raise RuntimeError(f"step {self.step}: the sidecar kept failing; see {self.run_dir / 'sidecar'}")
 
-    def _rollout_rank0(self, records) -> tuple[TrainBatch, dict[str, float]]:
+    def _rollout_rank0(self, records, more_prompts=None) -> tuple[TrainBatch, dict[str, float]]:
         from igrpo_megatron.rollout.interfaces import StaleWeightsError
 
-        rollout = self.client.run(self.rollout.run(records, self.step))
+        rollout = self.client.run(self.rollout.run(records, self.step, more_prompts))
         batch, extra = build_train_batch(rollout, self.recipe)
         metrics = {**rollout.metrics, **extra, **{f"time/{k}": v for k, v in rollout.timings.items()}}
         metrics["rollout_tokens_per_s"] = rollout.generated_tokens / max(rollout.timings["rollout"], 1e-9)
@@ -420,7 +421,9 @@ class RLTrainer:
                 self._stop_early(saved)
                 break
             step_start = time.perf_counter()
-            batch, metrics = self._rollout(self.loader.next_batch())
+            prompts = StepPrompts(self.loader)  # rank 0 may draw more (dynamic sampling); agree() evens the loaders
+            batch, metrics = self._rollout(prompts.first, prompts.more)
+            prompts.agree()
             metrics.update(self._train_guarded(batch))
             self.step += 1
             self._stop_if_diverged()

@@ -12,10 +12,11 @@ RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 PATHS = ["model.hf_path=/ckpt", "data.train_path=/data.jsonl"]  # the GPU recipes mark them ??? (required)
 
 
-def _loss_fields(recipe) -> dict:
+def _loss_fields(recipe, variant: str) -> dict:
+    """The recipe's values of the fields variant ``variant`` sets, shaped like its LOSS_VARIANTS entry."""
     a = recipe.algorithm
-    return {"advantage": {"normalize_by_std": a.advantage.normalize_by_std},
-            "loss": {k: getattr(a.loss, k) for k in ("ratio_level", "clip_low", "clip_high", "aggregation")}}
+    return {section: {k: getattr(getattr(a, section), k) for k in values}
+            for section, values in LOSS_VARIANTS[variant].items()}
 
 
 @pytest.mark.parametrize("name", ["r1_distill_qwen_7b_dapo_igrpo", "r1_distill_qwen_7b_dapo",
@@ -24,14 +25,14 @@ def test_variant_recipes_get_the_variant_fields_over_the_base_grpo(name):
     r = load_recipe(RECIPES / f"{name}.yaml", PATHS)
     variant = name.split("_")[4]  # r1_distill_qwen_7b_<variant>[_igrpo]
     assert r.algorithm.variant == variant
-    assert _loss_fields(r) == LOSS_VARIANTS[variant]
+    assert _loss_fields(r, variant) == LOSS_VARIANTS[variant]
     assert r.algorithm.igrpo.enabled == name.endswith("_igrpo")
 
 
 def test_base_recipe_names_grpo_and_gets_its_fields():
     r = load_recipe(RECIPES / "r1_distill_qwen_7b_igrpo.yaml", PATHS)
     assert r.algorithm.variant == "grpo"
-    assert _loss_fields(r) == LOSS_VARIANTS["grpo"]
+    assert _loss_fields(r, "grpo") == LOSS_VARIANTS["grpo"]
 
 
 def test_a_field_on_the_command_line_wins_over_the_variant():
@@ -44,7 +45,7 @@ def test_variant_on_the_command_line_wins_over_fields_of_the_files(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("algorithm:\n  loss:\n    clip_high: 0.5\n    aggregation: token_mean\n")
     r = load_recipe(recipe, ["algorithm.variant=gspo"])
-    assert _loss_fields(r) == LOSS_VARIANTS["gspo"]
+    assert _loss_fields(r, "gspo") == LOSS_VARIANTS["gspo"]
 
 
 def test_a_field_in_the_variants_own_file_or_a_child_wins(tmp_path):
