@@ -289,10 +289,12 @@ class RLTrainer:
 
     def _rollout_rank0(self, records, more_prompts=None) -> tuple[TrainBatch, dict[str, float]]:
         from igrpo_megatron.rollout.interfaces import StaleWeightsError
+        from igrpo_megatron.training.metrics import rollout_mechanism_metrics
 
         rollout = self.client.run(self.rollout.run(records, self.step, more_prompts))
         batch, extra = build_train_batch(rollout, self.recipe)
         metrics = {**rollout.metrics, **extra, **{f"time/{k}": v for k, v in rollout.timings.items()}}
+        metrics.update(rollout_mechanism_metrics(rollout, self.recipe.reward.extraction))  # refine vs draft, copies
         metrics["rollout_tokens_per_s"] = rollout.generated_tokens / max(rollout.timings["rollout"], 1e-9)
         versions = {s.policy_version for s in rollout.samples}
         if versions != {self.step}:  # never trained on: _rollout re-sends the weights and samples again
