@@ -37,21 +37,25 @@ def _sequences(recipe: RecipeConfig, fmt: PromptFormatter) -> list[Sequence]:
     usually wrong) and trains on the correct one: the model learns to read a draft without copying
     it. Pretrained reasoning models bring this ability; a random tiny model has to be shown it.
     The prompts are built as the rollouts build them (same builder, same ``data.max_prompt_length``
-    budget; a draft with no room left gives the plain prompt).
+    budget; a draft with no room left gives the plain prompt). Which drafts are shown and what is
+    written from them is the task's ``refinement_example`` (``arithmetic_chain``: near misses of the
+    same problem, whose checked lines the target copies).
     """
     ws, d = recipe.trainer.warmstart, recipe.data
-    items = build_task(d.synthetic_task, d.synthetic_options).generate(ws.num_examples, "train", seed=recipe.run.seed + 1)
+    task = build_task(d.synthetic_task, d.synthetic_options)
+    items = task.generate(ws.num_examples, "train", seed=recipe.run.seed + 1)
     eos = [fmt.eos_token_id] if fmt.eos_token_id is not None else []
     rng = random.Random(recipe.run.seed + 2)
     out = []
     for p in items:
-        prompt = fmt.encode_problem(p.problem)
+        prompt, target = fmt.encode_problem(p.problem), p.solution
         # Also with iGRPO off: GRPO and iGRPO runs of one seed then start from the same warm-start.
         if rng.random() < ws.refinement_fraction:
-            draft = p.solution if rng.random() < 0.3 else rng.choice(items).solution
+            draft, written = task.refinement_example(p, items, rng)  # which drafts, and what is written from them
             built = fmt.refinement(p.problem, draft, recipe.algorithm.igrpo.prompt, d.max_prompt_length)
-            prompt = prompt if built is None else built.ids
-        out.append(Sequence(prompt, fmt.encode_text(p.solution) + eos, advantage=1.0))
+            if built is not None:
+                prompt, target = built.ids, written
+        out.append(Sequence(prompt, fmt.encode_text(target) + eos, advantage=1.0))
     return out
 
 
