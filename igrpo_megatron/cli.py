@@ -55,11 +55,15 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="run a recipe: rollouts, rewards, Megatron training, weight sync")
     _add_recipe_args(train)
 
-    cmp = sub.add_parser("compare", help="GRPO vs iGRPO at a matched rollout budget over several seeds")
+    cmp = sub.add_parser("compare", help="GRPO vs iGRPO (or selection rules) at a matched rollout budget over "
+                                         "several seeds, with paired intervals")
     _add_recipe_args(cmp)
     cmp.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",") if x], default=[1, 2, 3],
                      help="comma list of seeds (default 1,2,3)")
     cmp.add_argument("--output", dest="output_dir", help="directory for the runs, compare.md and compare.png")
+    cmp.add_argument("--variants", default="grpo,igrpo",
+                     help="comma list of arms, the first is the baseline: grpo, igrpo, igrpo:<selection rule> "
+                          "(best, worst, random, best_incorrect); default grpo,igrpo")
 
     ev = sub.add_parser("eval", help="pass@k evaluation on AIME24/25, MATH-500, AMC23 or custom sets")
     ev.add_argument("recipe_or_checkpoint", nargs="?",
@@ -152,7 +156,8 @@ def _compare(args: argparse.Namespace) -> int:
     from igrpo_megatron.evaluation.hook import PeriodicEvaluator
     from igrpo_megatron.training.compare import run_compare
 
-    root = run_compare(args.recipe, args.overrides, args.seeds, args.output_dir, evaluator=PeriodicEvaluator)
+    root = run_compare(args.recipe, args.overrides, args.seeds, args.output_dir, evaluator=PeriodicEvaluator,
+                       variants=args.variants)
     logger.info("comparison: %s", (root / "compare.md").resolve())
     return 0
 

@@ -66,3 +66,15 @@ def test_both_algorithms_of_a_seed_start_from_the_same_warm_start(compared):
         assert files, f"no warm-start weights in {grpo}"
         for f in files:
             assert (grpo / f).read_bytes() == (igrpo / f).read_bytes(), f
+
+
+def test_differences_have_paired_intervals_and_token_counts(compared):
+    report = json.loads((compared / "compare.json").read_text())
+    assert report["baseline"] == "grpo" and list(report["variants"]) == ["grpo", "igrpo"]
+    (d,) = report["differences"]
+    assert d["arm"] == "igrpo" and d["over_seeds"]["n"] == 2
+    assert d["over_problems"]["n"] == 2 * 2  # evaluation.hook.num_problems per seed, pooled over 2 seeds
+    assert d["over_seeds"]["low"] <= d["over_seeds"]["mean"] <= d["over_seeds"]["high"]
+    assert d["tokens"] > 0 and d["baseline_tokens"] > 0 and d["completions_matched"] is True
+    table = (compared / "compare.md").read_text()
+    assert "## Against grpo" in table and "| igrpo | grpo |" in table and "## Mechanism" in table
