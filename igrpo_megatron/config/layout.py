@@ -10,8 +10,16 @@ when a recipe loads and the world-size rule when the processes start (:func:`che
 
 from __future__ import annotations
 
+import math
+
 from igrpo_megatron.config.errors import LayoutError
-from igrpo_megatron.config.model import HYBRID_LAYER_SYMBOLS, HYBRID_PIPE, ModelConfig, ParallelConfig
+from igrpo_megatron.config.model import (
+    FP8_PAD_MULTIPLE,
+    HYBRID_LAYER_SYMBOLS,
+    HYBRID_PIPE,
+    ModelConfig,
+    ParallelConfig,
+)
 
 _TP = "parallel.tensor_model_parallel_size"
 _PP = "parallel.pipeline_model_parallel_size"
@@ -58,9 +66,46 @@ def layout_errors(model: ModelConfig, parallel: ParallelConfig, world_size: int 
             errs.append(f"model.{key} = {getattr(model, key)} does not divide by {_TP} ({tp})"
                         + ("; the vocabulary is not padded (vLLM and the trainer share one softmax): pad the "
                            "tokenizer's vocabulary or change TP." if key == "vocab_size" else "; change one of them."))
+    errs += recompute_errors(model, p)
     if world_size is not None:
         errs += world_size_errors(p, world_size)
     return errs
+
+
+def layers_per_chunk(model: ModelConfig, parallel: ParallelConfig) -> list[int]:
+    """Layers of each model chunk (pipeline stage, or virtual stage with interleaving), in order."""
+    pattern = model.hybrid_pattern or ""
+    if model.architecture == "nemotron_h" and HYBRID_PIPE in pattern:
+        return [len(part) for part in pattern.split(HYBRID_PIPE)]
+    chunks = parallel.pipeline_model_parallel_size * (parallel.virtual_pipeline_model_parallel_size or 1)
+    return [model.num_layers // max(chunks, 1)] * max(chunks, 1)
+
+
+def recompute_errors(model: ModelConfig, parallel: ParallelConfig) -> list[str]:
+    """Full recomputation against the layers of each model chunk (Megatron applies the method per chunk)."""
+    n, method = model.recompute_num_layers, model.recompute_method
+    if model.recompute_granularity != "full" or n is None or method is None or n < 1:
+        return []  # missing or contradictory keys are ModelConfig.errors' to report
+    sizes = sorted(set(layers_per_chunk(model, parallel)))
+    where = f"the layers per pipeline stage ({', '.join(map(str, sizes))})"
+    if method == "uniform" and any(size % n for size in sizes):
+        return [f"model.recompute_num_layers = {n} must divide {where} with model.recompute_method=uniform "
+                "(each run of that many layers is recomputed together); e.g. 1."]
+    if method == "block" and n > min(sizes):
+        return [f"model.recompute_num_layers = {n} exceeds {where} with model.recompute_method=block; "
+                f"at most {min(sizes)} (every layer of the stage)."]
+    return []
+
+
+def micro_batch_pad_multiple(model: ModelConfig, parallel: ParallelConfig) -> int:
+    """What every micro-batch's sequence length is padded up to (padding is masked out of the loss).
+
+    Sequence parallelism splits the sequence over the TP ranks (so a multiple of TP); FP8 GEMMs need
+    a multiple of 16 (32 for mxfp8). 1 when neither applies.
+    """
+    fp8 = FP8_PAD_MULTIPLE.get(model.fp8, 1)
+    sp = parallel.tensor_model_parallel_size if parallel.sequence_parallel else 1
+    return math.lcm(fp8, max(sp, 1))
 
 
 def _attention_errors(model: ModelConfig, tp: int) -> list[str]:

@@ -30,6 +30,9 @@ Other hybrid differences handled here or by the kernels:
   path, and the training step never decodes).
 * 0.19 passes ``state_dtype`` to the scans when their signature has it; the reference kernels
   accept it, and 0.16 never passes it.
+* Full activation recomputation: 0.19's ``HybridStack`` checkpoints its layers, 0.16's
+  ``MambaStack`` ignores the setting (:func:`stack_recomputes_layers`; the builder refuses it there).
+  Selective recomputation lives in the attention/MLP ``TransformerLayer`` and works in both.
 
 Found by running both versions (``make test`` and ``make test-compat``, 0.16.1 and 0.19.2), outside
 this module because they are not about the model API:
@@ -104,6 +107,20 @@ class HybridApi:
         return kwargs
 
 
+def stack_recomputes_layers(stack_cls: type) -> bool:
+    """Whether the hybrid stack honours ``recompute_granularity='full'``.
+
+    0.16's ``MambaStack.forward`` never looks at it (a 'full' recipe would silently keep every
+    activation); 0.19's ``HybridStack.forward`` checkpoints its layers. Read from the stack's own
+    ``forward`` source, the one place the behaviour is decided.
+    """
+    try:
+        source = inspect.getsource(stack_cls.forward)
+    except (OSError, TypeError):
+        return False
+    return "recompute_granularity" in source
+
+
 @functools.cache
 def hybrid_api() -> HybridApi:
     """Detect the hybrid-model API of the installed megatron-core (imports Megatron's mixer)."""
@@ -132,13 +149,14 @@ class HybridRMSNorm:
     """Norm "class" for local specs: a torch RMSNorm with ``config.layernorm_epsilon``.
 
     Callable however a Megatron version builds norms (positional or keyword, with or without
-    ``eps``); ``MambaLayer`` in 0.16/0.17 passes no ``eps`` and would otherwise get 1e-5.
+    ``eps``); ``MambaLayer`` in 0.16/0.17 passes no ``eps`` and would otherwise get 1e-5. The
+    norm is :class:`~igrpo_megatron.models.norms.LocalRMSNorm`, so sequence parallelism works.
     """
 
     def __new__(cls, config: Any, hidden_size: int, eps: float | None = None, **_: Any):
-        from megatron.core.transformer.torch_norm import WrappedTorchNorm
+        from igrpo_megatron.models.norms import LocalRMSNorm
 
-        return WrappedTorchNorm(config=config, hidden_size=hidden_size, eps=config.layernorm_epsilon)
+        return LocalRMSNorm(config, hidden_size, eps=config.layernorm_epsilon)
 
 
 @functools.cache

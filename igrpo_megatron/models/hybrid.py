@@ -15,9 +15,11 @@ load across both.
 Where ``mamba_ssm`` cannot run (no CUDA, or not installed), :func:`build_hybrid` first installs
 the pure-PyTorch kernels of :mod:`igrpo_megatron.models.cpu_kernels`.
 
-Limitations of the local spec (CPU): no sequence parallelism (torch norms do not support it),
-no context parallelism (local attention does not), no packed sequences (CPU kernels). On
-megatron-core 0.16, pipeline stages split the layers evenly and there is no virtual pipeline.
+Limitations of the local spec (CPU): no context parallelism (local attention does not), no
+packed sequences (CPU kernels). Sequence parallelism works: its norms are
+:class:`~igrpo_megatron.models.norms.LocalRMSNorm`. On megatron-core 0.16, pipeline stages split
+the layers evenly, there is no virtual pipeline, and the stack cannot recompute whole layers
+(``model.recompute_granularity=full`` is refused there; selective works).
 """
 
 from __future__ import annotations
@@ -41,9 +43,6 @@ def check_hybrid_config(model: ModelConfig, parallel: ParallelConfig) -> None:
 
 
 def _check_local_spec_limits(parallel: ParallelConfig) -> None:
-    if parallel.sequence_parallel:
-        raise ValueError("parallel.sequence_parallel=true needs the Transformer Engine spec (GPU); the local "
-                         "hybrid spec (CPU) uses torch norms without sequence parallelism: set it to false")
     if parallel.context_parallel_size > 1:
         raise ValueError("parallel.context_parallel_size > 1 needs the Transformer Engine spec (GPU); the "
                          "local hybrid spec (CPU) has no context-parallel attention: set it to 1")
@@ -143,6 +142,10 @@ def build_hybrid(
         _check_local_spec_limits(parallel)
     _ensure_mamba_kernels()
     api = compat.hybrid_api()
+    if model.recompute_granularity == "full" and not compat.stack_recomputes_layers(api.stack_cls):
+        raise ValueError(f"model.recompute_granularity=full: this megatron-core's {api.stack_cls.__name__} does "
+                         "not recompute hybrid layers (megatron-core >= 0.19's HybridStack does); use "
+                         "model.recompute_granularity=selective (attention and MLP layers) or null")
     if PIPE in model.hybrid_pattern and not api.pipe_separators:
         raise ValueError(f"model.hybrid_pattern={model.hybrid_pattern!r} uses '|' (pipeline stages), which "
                          "needs megatron-core >= 0.17; remove the '|' (stages then split layers evenly)")

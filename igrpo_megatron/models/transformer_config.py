@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from megatron.core.transformer import TransformerConfig
 
-from igrpo_megatron.config.model import ModelConfig, ParallelConfig
+from igrpo_megatron.config.model import FP8_PAD_MULTIPLE, ModelConfig, ParallelConfig
 from igrpo_megatron.models.capability import has_cuda, has_transformer_engine
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -19,13 +19,26 @@ def torch_dtype(name: str) -> torch.dtype:
     return _DTYPES[name]
 
 
-# FP8 GEMMs in Transformer Engine need the token count of a micro-batch divisible by this.
-_FP8_PAD = {"tensorwise": 16, "blockwise": 16, "delayed": 16, "mxfp8": 32}
-
-
 def fp8_pad_multiple(model: ModelConfig) -> int:
-    """What micro-batch sequence lengths are padded to (1 without FP8)."""
-    return _FP8_PAD.get(model.fp8, 1)
+    """What FP8 needs micro-batch sequence lengths padded to (1 without FP8); the whole rule, with
+    sequence parallelism, is ``config.layout.micro_batch_pad_multiple``."""
+    return FP8_PAD_MULTIPLE.get(model.fp8, 1)
+
+
+def recompute_settings(model: ModelConfig) -> dict[str, Any]:
+    """``TransformerConfig`` fields for the recipe's ``model.recompute_*`` keys (empty without recompute)."""
+    if model.recompute_granularity is None:
+        return {}
+    out: dict[str, Any] = dict(recompute_granularity=model.recompute_granularity,
+                               recompute_method=model.recompute_method,
+                               recompute_num_layers=model.recompute_num_layers)
+    if model.recompute_modules is not None:
+        if "layernorm" in model.recompute_modules and not has_transformer_engine():
+            # Megatron's CheckpointWithoutOutput, which recomputes the norms, calls Transformer Engine.
+            raise RuntimeError("model.recompute_modules includes 'layernorm', which Megatron recomputes through "
+                               "Transformer Engine (GPU only); remove it here (core_attn and mlp work anywhere)")
+        out["recompute_modules"] = list(model.recompute_modules)
+    return out
 
 
 def fp8_settings(model: ModelConfig) -> dict[str, Any]:
@@ -89,6 +102,7 @@ def make_transformer_config(model: ModelConfig, parallel: ParallelConfig, **over
         # gloo has no ordering guarantee inside a batched isend/irecv: with PP=2 a rank's next and
         # previous stage are the same peer, and interleaved schedules then swap activations and grads.
         batch_p2p_comm=on_gpu,
+        **recompute_settings(model),
     )
     if model.fp8:
         if not has_transformer_engine():

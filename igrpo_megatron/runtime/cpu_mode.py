@@ -9,7 +9,9 @@ calls ``tensor.cuda()`` and keeps a CUDA RNG tracker. All of that is harmless on
   ``Tensor.to``, makes ``Tensor.cuda()`` a no-op and reports ``torch.cuda.*Tensor`` from
   ``Tensor.type()`` (Megatron checks that string);
 * the few ``torch.cuda`` functions Megatron calls (device, RNG, synchronize, streams) get CPU stand-ins;
-* Megatron's CUDA RNG helpers are pointed at the CPU generator.
+* Megatron's CUDA RNG helpers are pointed at the CPU generator;
+* Megatron's recomputation functions run their backward (which re-runs forward code) inside the
+  mode too: torch does not carry torch-function modes into backward.
 
 It is switched on explicitly (:func:`enable_cpu_mode` or the :func:`cpu_mode` context manager),
 undone by :func:`disable_cpu_mode`, and does nothing at all when CUDA is available.
@@ -18,6 +20,7 @@ undone by :func:`disable_cpu_mode`, and does nothing at all when CUDA is availab
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from collections.abc import Iterator
 from typing import Any
@@ -96,6 +99,21 @@ def _megatron_rng_stand_ins() -> dict[str, Any]:
     }
 
 
+# Megatron's activation-recomputation autograd functions: their backward re-runs forward code
+# (e.g. a causal mask made with device="cuda"), and torch does not carry torch-function modes
+# into backward, so they enter the mode themselves.
+_RECOMPUTING_FUNCTIONS = ("CheckpointFunction", "CheckpointWithoutOutputFunction")
+
+
+def _backward_in_cpu_mode(backward: Any) -> staticmethod:
+    @functools.wraps(backward)
+    def run(ctx: Any, *grads: Any) -> Any:
+        with _CudaAsCpu():
+            return backward(ctx, *grads)
+
+    return staticmethod(run)
+
+
 class _CpuModeState:
     """What was replaced, so that :func:`disable_cpu_mode` can put it back."""
 
@@ -139,6 +157,10 @@ def enable_cpu_mode() -> bool:
     if mrandom is not None:
         for name, fn in _megatron_rng_stand_ins().items():
             _patch(mrandom, name, fn)
+        for name in _RECOMPUTING_FUNCTIONS:
+            if hasattr(mrandom, name):
+                cls = getattr(mrandom, name)
+                _patch(cls, "backward", _backward_in_cpu_mode(cls.backward))
     _STATE.mode = _CudaAsCpu()
     _STATE.mode.__enter__()
     logger.info("CPU mode on: Megatron-Core will run on the CPU")

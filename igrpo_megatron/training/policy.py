@@ -22,9 +22,9 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from igrpo_megatron.algorithms.logprobs import vocab_parallel_logprobs_and_entropy
 from igrpo_megatron.algorithms.losses import needs_reference, policy_loss
+from igrpo_megatron.config.layout import micro_batch_pad_multiple
 from igrpo_megatron.config.schema import RecipeConfig
 from igrpo_megatron.models import unwrap
-from igrpo_megatron.models.transformer_config import fp8_pad_multiple
 from igrpo_megatron.training.batch import (
     MicroBatch,
     TrainBatch,
@@ -115,7 +115,9 @@ class MegatronPolicy:
         dp_rank = parallel_state.get_data_parallel_rank()
         dp_size = parallel_state.get_data_parallel_world_size()
         mine = shard_for_rank(batch, dp_rank, dp_size)
-        pad_to = fp8_pad_multiple(self.recipe.model)
+        # Sequence parallelism splits each micro-batch's sequence over TP (FP8 needs 16s): pad up to it;
+        # padded positions have loss_mask False, so they change neither log-probs nor the loss.
+        pad_to = micro_batch_pad_multiple(self.recipe.model, self.recipe.parallel)
         plans = plan_micro_batches([batch.sequences[i].length for i in mine],
                                    self.recipe.trainer.micro_batch_tokens, pad_to=pad_to)
         return [build_micro_batch(batch, [mine[p] for p in plan], pad_to=pad_to) for plan in plans]

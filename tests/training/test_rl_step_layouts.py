@@ -7,6 +7,10 @@ differ between layouts (token budget 96 over the rank's share of the batch).
 Both architectures: the Qwen2-style GPT and the Nemotron-H hybrid (pattern ``M*M-``: Mamba2,
 attention, Mamba2, MLP; PP=2 splits it into ``M*`` and ``M-``; TP=2 splits the Mamba heads and
 groups, and the export merges ``in_proj`` / ``conv1d`` per component).
+
+The memory features of 7-8B training run at TP=2 against the same single-rank reference, log-probs
+included: selective and full activation recomputation, and sequence parallelism (whose micro-batches
+are padded to a multiple of TP; the batch's sequence lengths are mostly odd, so padding happens).
 """
 
 import random
@@ -27,6 +31,7 @@ MAMBA = dict(mamba_head_dim=32, mamba_groups=2, state_dim=16)  # 8 Mamba heads o
 
 
 def recipe(hf_path: str, arch: str = "qwen2", **parallel) -> RecipeConfig:
+    """The tiny recipe; ``parallel`` sets parallel.* keys, and model.* keys when prefixed ``model.``."""
     r = RecipeConfig()
     m = r.model
     m.num_layers, m.hidden_size, m.ffn_hidden_size = 2, 128, 256
@@ -38,7 +43,8 @@ def recipe(hf_path: str, arch: str = "qwen2", **parallel) -> RecipeConfig:
                                                                    MAMBA["state_dim"])
         m.norm_epsilon, m.add_qkv_bias = 1e-5, False
     for key, value in parallel.items():
-        setattr(r.parallel, key, value)
+        section, _, name = key.rpartition(".")
+        setattr(r.model if section == "model" else r.parallel, name, value)
     r.optimizer.lr, r.optimizer.warmup_fraction, r.optimizer.weight_decay = 1e-3, 0.0, 0.0
     # The key bias has an exactly-zero true gradient (softmax ignores a per-query constant), so its
     # computed gradient is rounding noise of ~1e-10 that Adam's g / (|g| + eps) turns into +-lr with
@@ -73,10 +79,13 @@ def _one_step(rank, world_size, hf_path, arch, parallel):
     init_distributed(r.parallel, seed=1)
     policy = MegatronPolicy(r, total_optimizer_steps=10)
     policy.setup()
+    scored = fixed_batch()  # old-policy log-probs on a copy: the step itself is as training runs it
+    policy.compute_logprobs(scored)
+    widths = [mb.tokens.shape[1] for mb in policy._micro_batches(scored)]
     metrics = policy.train_step(fixed_batch())
     weights = dict(policy.export_hf_weights())
     destroy_distributed()
-    return metrics, weights
+    return metrics, weights, scored.old_logprobs, widths
 
 
 @pytest.fixture(scope="module", params=ARCHITECTURES)
@@ -102,7 +111,7 @@ def reference(hf_dir, arch):
 def test_reference_step_moves_the_weights(reference, hf_dir):
     from tests.helpers.tiny_models import load_state_dict
 
-    metrics, weights = reference
+    metrics, weights, _, _ = reference
     assert torch.isfinite(torch.tensor(metrics["loss"]))
     assert metrics["grad_norm"] > 0
     assert 0 < metrics["entropy"] < torch.log(torch.tensor(float(VOCAB))).item() + 1e-3
@@ -117,8 +126,12 @@ def test_reference_step_moves_the_weights(reference, hf_dir):
     (2, dict(use_distributed_optimizer=True)),
 ], ids=["tp2", "pp2", "dp2"])
 def test_layout_gives_the_same_step(reference, hf_dir, arch, world_size, layout):
-    ref_metrics, ref_weights = reference
-    metrics, weights = run_on_ranks(_one_step, world_size, args=(hf_dir, arch, layout))[0]
+    metrics, weights, _, _ = run_on_ranks(_one_step, world_size, args=(hf_dir, arch, layout))[0]
+    _assert_same_step(reference, metrics, weights)
+
+
+def _assert_same_step(reference, metrics, weights):
+    ref_metrics, ref_weights, _, _ = reference
     for key in ("loss", "grad_norm", "entropy", "ratio_mean"):
         assert metrics[key] == pytest.approx(ref_metrics[key], rel=1e-5), key
     # Weights are compared as whole tensors, ||w - w_ref|| / ||w_ref||: Adam's first step is
@@ -127,6 +140,52 @@ def test_layout_gives_the_same_step(reference, hf_dir, arch, world_size, layout)
     for name, tensor in ref_weights.items():
         rel = ((weights[name] - tensor).norm() / tensor.norm()).item()
         assert rel < 1e-5, f"{name}: relative difference {rel:.2e}"
+
+
+TP2 = dict(tensor_model_parallel_size=2, use_distributed_optimizer=False)
+MEMORY_LAYOUTS = {
+    "tp2-selective": {**TP2, "model.recompute_granularity": "selective",
+                      "model.recompute_modules": ["core_attn", "mlp"]},  # layernorm: TE only
+    "tp2-full": {**TP2, "model.recompute_granularity": "full", "model.recompute_method": "uniform",
+                 "model.recompute_num_layers": 1},
+    "tp2-sp": {**TP2, "sequence_parallel": True},
+    "tp2-sp-full-block": {**TP2, "sequence_parallel": True, "model.recompute_granularity": "full",
+                          "model.recompute_method": "block", "model.recompute_num_layers": 1},
+}
+
+
+@pytest.mark.parametrize("name", list(MEMORY_LAYOUTS))
+def test_recompute_and_sequence_parallel_give_the_same_step(reference, hf_dir, arch, name):
+    """1 rank vs 2 ranks (TP=2) with the layout's memory features: same step, same log-probs."""
+    layout = MEMORY_LAYOUTS[name]
+    full = layout.get("model.recompute_granularity") == "full"
+    if arch == "nemotron_h" and full and not run_on_ranks(_hybrid_stack_recomputes, 1)[0]:
+        # megatron-core 0.16's MambaStack ignores full recompute: the builder must refuse, naming the key.
+        with pytest.raises(RuntimeError, match="model.recompute_granularity=full"):
+            run_on_ranks(_one_step, 2, args=(hf_dir, arch, layout))
+        return
+    metrics, weights, logprobs, widths = run_on_ranks(_one_step, 2, args=(hf_dir, arch, layout))[0]
+    _assert_same_step(reference, metrics, weights)
+    ref_logprobs = reference[2]
+    assert len(logprobs) == len(ref_logprobs) == 8
+    for mine, ref in zip(logprobs, ref_logprobs, strict=True):
+        assert mine.shape == ref.shape
+        torch.testing.assert_close(mine, ref, rtol=1e-5, atol=1e-5)
+    if layout.get("sequence_parallel"):
+        # Widths are the longest sequence - 1 of each micro-batch; the reference's include odd ones,
+        # which sequence parallelism must round up to a multiple of TP (2): padding really happened.
+        assert any(w % 2 for w in reference[3])
+        assert all(w % 2 == 0 for w in widths), widths
+
+
+def _hybrid_stack_recomputes(rank, world_size) -> bool:
+    """Whether this megatron-core's hybrid stack does full recompute (asked in a fresh process: the
+    stack classes import Megatron's mixer, which needs the CPU kernels installed first)."""
+    from igrpo_megatron.models import compat
+    from igrpo_megatron.models.hybrid import _ensure_mamba_kernels
+
+    _ensure_mamba_kernels()
+    return compat.stack_recomputes_layers(compat.hybrid_api().stack_cls)
 
 
 def _direction(rank, world_size, hf_path, arch):
