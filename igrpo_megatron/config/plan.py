@@ -24,7 +24,7 @@ from igrpo_megatron.config.evaluation import (
     HELDOUT_BENCHMARK,
     TABLE_SUFFIXES,
 )
-from igrpo_megatron.config.layout import layout_errors
+from igrpo_megatron.config.layout import layout_errors, micro_batch_pad_multiple
 from igrpo_megatron.config.schema import RecipeConfig
 from igrpo_megatron.config.sizing import (
     GIB,
@@ -98,16 +98,17 @@ class Plan:
 
 
 def recipe_recompute(recipe: RecipeConfig) -> str:
-    """The recipe's activation recomputation ('none', 'selective' or 'full').
+    """The recipe's activation recomputation: ``model.recompute_granularity``, 'none' when null."""
+    return recipe.model.recompute_granularity or "none"
 
-    Read from a ``recompute_granularity`` key in ``model`` or ``parallel`` when the schema has one;
-    'none' otherwise (what training does without such a key).
-    """
-    for section in (recipe.model, recipe.parallel):
-        value = getattr(section, "recompute_granularity", None)
-        if value in RECOMPUTE_MODES:
-            return value
-    return "none"
+
+def full_recompute_shape(recipe: RecipeConfig) -> tuple[str, int]:
+    """(method, layers) the 'full' row is sized with: the recipe's own when it recomputes fully,
+    otherwise uniform over single layers (every layer recomputed: the least memory)."""
+    m = recipe.model
+    if m.recompute_granularity == "full" and m.recompute_method and m.recompute_num_layers:
+        return m.recompute_method, m.recompute_num_layers
+    return "uniform", 1
 
 
 def make_plan(recipe: RecipeConfig, world_size: int | None = None, *, check_files: bool = True) -> Plan:
@@ -121,13 +122,16 @@ def make_plan(recipe: RecipeConfig, world_size: int | None = None, *, check_file
         errors.append("parallel.context_parallel_size > 1 is not supported by the RL step (log-probs would need "
                       "the CP-split sequence); set it to 1 and use TP/PP/DP.")
     longest = recipe.data.max_prompt_length + recipe.rollout.sampling.max_tokens
-    tokens = max(t.micro_batch_tokens, longest)
+    pad = micro_batch_pad_multiple(m, p)  # sequence parallelism / FP8 pad each micro-batch's length
+    tokens = max(t.micro_batch_tokens, -(-longest // pad) * pad)
     sizable = not errors  # a layout that cannot work has no per-GPU sizes (and may divide by zero)
     stages = max(p.pipeline_model_parallel_size, 1)
     per_rank = parameters_per_rank(m, p) if sizable else [0] * stages
     reference = recipe.algorithm.loss.kl.coef > 0
     states = [state_memory(n, m.params_dtype, dp, p.use_distributed_optimizer, reference) for n in per_rank]
-    acts = {mode: activation_memory(m, p, tokens, longest, mode) if sizable
+    method, layers = full_recompute_shape(recipe)
+    acts = {mode: activation_memory(m, p, tokens, longest, mode, recompute_method=method,
+                                    recompute_num_layers=layers) if sizable
             else ActivationMemory(mode, tokens, [0] * stages) for mode in RECOMPUTE_MODES}
     plan = Plan(world_size=world, data_parallel=dp, params=count_parameters(m), params_per_rank=per_rank,
                 state_per_rank=states, activations=acts, recompute=recipe_recompute(recipe),
@@ -373,7 +377,20 @@ def _memory_fit(recipe: RecipeConfig, plan: Plan) -> None:
                                                    if colocated else "")
         + f" ({plan.trainer_budget_gib:.1f} GiB): lower trainer.micro_batch_tokens (now {plan.micro_batch_tokens}, "
         f"not below the longest sequence {plan.longest_sequence}), raise parallel.tensor_model_parallel_size or "
-        f"parallel.pipeline_model_parallel_size, or recompute activations (recompute {others}).")
+        f"parallel.pipeline_model_parallel_size, " + _sequence_parallel_hint(recipe, plan)
+        + f"or recompute activations with model.recompute_granularity (peak with {others}).")
+
+
+def _sequence_parallel_hint(recipe: RecipeConfig, plan: Plan) -> str:
+    """'set parallel.sequence_parallel=true (peak N GiB), ' when TP > 1 and it is off; '' otherwise."""
+    m, p = recipe.model, recipe.parallel
+    if p.sequence_parallel or p.tensor_model_parallel_size < 2:
+        return ""
+    method, layers = full_recompute_shape(recipe)
+    acts = activation_memory(m, p, plan.micro_batch_tokens, plan.longest_sequence, plan.recompute,
+                             sequence_parallel=True, recompute_method=method, recompute_num_layers=layers)
+    peak = max(s.total + a for s, a in zip(plan.state_per_rank, acts.per_rank, strict=True)) / GIB
+    return f"set parallel.sequence_parallel=true (peak {peak:.1f} GiB), "
 
 
 # ------------------------------------------------------------------------------------------- report
@@ -398,10 +415,12 @@ def format_plan(plan: Plan, recipe: RecipeConfig) -> str:
                  + (f", KL reference {_gib(st.reference)}" if st.reference else ""))
     lines.append(f"  activations at {plan.micro_batch_tokens} tokens per micro-batch (longest sequence "
                  f"{plan.longest_sequence}):")
+    method, layers = full_recompute_shape(recipe)
     for mode in RECOMPUTE_MODES:
-        mark = "  <- this recipe" if mode == plan.recompute else ""
+        mark = "  <- this recipe (model.recompute_granularity)" if mode == plan.recompute else ""
+        shape = f" ({method}, {layers} layer{'s' if layers > 1 else ''})" if mode == "full" else ""
         lines.append(f"    recompute {mode:<9} activations {_gib(plan.activations[mode].peak)}, "
-                     f"peak {plan.peak_gib(mode):.1f} GiB{mark}")
+                     f"peak {plan.peak_gib(mode):.1f} GiB{shape}{mark}")
     if plan.trainer_budget_gib is not None:
         lines.append(f"  budget per GPU: {plan.trainer_budget_gib:.1f} GiB (cluster.gpu_memory_gb "
                      f"{recipe.cluster.gpu_memory_gb} less reserves)")

@@ -38,8 +38,13 @@ Unfused attention (``transformer_impl: local``) also keeps the a x s scores and 
 * ``none``: every layer keeps all of the above;
 * ``selective``: Megatron recomputes the core attention, dropping the scores term (no change with
   flash attention);
-* ``full``: each layer keeps only its input (2h bytes per token, /TP with sequence parallelism),
-  plus one layer's working set while it is recomputed.
+* ``full``: a recomputed layer keeps only its input (2h bytes per token, /TP with sequence
+  parallelism). With ``recompute_method: uniform`` and k layers per run, each run of k keeps its
+  input and backward needs one run's full activations at a time; with ``block`` and n layers, the
+  first n layers of each model chunk are recomputed and the others keep everything.
+
+Sequence parallelism splits the sequence over TP wherever the tensor is not TP-split, so only the
+replicated inputs of the norms and blocks shrink (by TP); the TP-split tensors are unchanged.
 
 Logits (bf16, [tokens, V/TP]) and their gradient add 4 * V / TP bytes per token on the last stage.
 With FP8 (Transformer Engine) some saved inputs take 1 byte; the estimate counts bf16, an upper bound.
@@ -145,8 +150,8 @@ def _layer_params_per_rank(model: ModelConfig, kind: str, tp: int) -> float:
     return sum(sum(_block_params(model, b).values()) for b in blocks) / tp + model.hidden_size * len(blocks)
 
 
-def stage_layers(model: ModelConfig, parallel: ParallelConfig) -> list[list[str]]:
-    """Layer kinds of each pipeline rank (virtual chunks r, r + PP, ... belong to rank r)."""
+def stage_chunks(model: ModelConfig, parallel: ParallelConfig) -> list[list[list[str]]]:
+    """Layer kinds of each model chunk, by pipeline rank (virtual chunks r, r + PP, ... belong to rank r)."""
     pp = parallel.pipeline_model_parallel_size
     chunks_n = pp * (parallel.virtual_pipeline_model_parallel_size or 1)
     pattern = model.hybrid_pattern or ""
@@ -156,7 +161,12 @@ def stage_layers(model: ModelConfig, parallel: ParallelConfig) -> list[list[str]
         kinds = layer_kinds(model)
         size = -(-len(kinds) // chunks_n)
         chunks = [kinds[i * size:(i + 1) * size] for i in range(chunks_n)]
-    return [[k for c in chunks[r::pp] for k in c] for r in range(pp)]
+    return [chunks[r::pp] for r in range(pp)]
+
+
+def stage_layers(model: ModelConfig, parallel: ParallelConfig) -> list[list[str]]:
+    """Layer kinds of each pipeline rank (virtual chunks r, r + PP, ... belong to rank r)."""
+    return [[k for c in chunks for k in c] for chunks in stage_chunks(model, parallel)]
 
 
 def parameters_per_rank(model: ModelConfig, parallel: ParallelConfig) -> list[int]:
@@ -240,24 +250,52 @@ class ActivationMemory:
         return max(self.per_rank) if self.per_rank else 0
 
 
+def _full_recompute_bytes_per_token(model: ModelConfig, chunks: list[list[str]], tp: int, sp: bool, seq_len: int,
+                                    method: str, num_layers: int) -> float:
+    """What one pipeline rank keeps per token under full recomputation, Megatron's way per model chunk.
+
+    'uniform' k: each run of k layers keeps its input; backward re-runs one run at a time, so the
+    working set is the largest run's activations. 'block' n: the first n layers of each chunk keep only
+    their input, the rest keep everything; the working set is one recomputed layer.
+    """
+    def keep(kind: str, mode: str) -> float:
+        return layer_activation_bytes_per_token(model, kind, tp, sp, seq_len, mode)
+
+    kept, working = 0.0, 0.0
+    for kinds in chunks:
+        if method == "uniform":
+            runs = [kinds[i:i + num_layers] for i in range(0, len(kinds), num_layers)]
+            kept += sum(keep(run[0], "full") for run in runs)
+            working = max([working, *(sum(keep(k, "none") for k in run) for run in runs)])
+        else:
+            kept += sum(keep(k, "full") for k in kinds[:num_layers]) + sum(keep(k, "none") for k in kinds[num_layers:])
+            working = max([working, *(keep(k, "none") for k in kinds[:num_layers])])
+    return kept + working
+
+
 def activation_memory(model: ModelConfig, parallel: ParallelConfig, tokens: int, seq_len: int,
-                      recompute: str = "none", sequence_parallel: bool | None = None) -> ActivationMemory:
+                      recompute: str = "none", sequence_parallel: bool | None = None,
+                      recompute_method: str = "uniform", recompute_num_layers: int = 1) -> ActivationMemory:
     """Activations for micro-batches of ``tokens`` tokens (longest sequence ``seq_len``) per pipeline rank.
 
-    ``recompute`` is 'none', 'selective' or 'full'; ``sequence_parallel`` defaults to the recipe's.
+    ``recompute`` is 'none', 'selective' or 'full' (with ``recompute_method`` 'uniform' or 'block' and
+    ``recompute_num_layers``, as ``model.recompute_*``); ``sequence_parallel`` defaults to the recipe's.
     """
     if recompute not in RECOMPUTE_MODES:
         raise ValueError(f"recompute must be one of {RECOMPUTE_MODES}, got {recompute!r}")
     tp, pp = parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size
     sp = parallel.sequence_parallel if sequence_parallel is None else sequence_parallel
     out = ActivationMemory(recompute, tokens)
-    stages = stage_layers(model, parallel)
-    for i, kinds in enumerate(stages):
-        kept = sum(layer_activation_bytes_per_token(model, k, tp, sp, seq_len, recompute) for k in kinds)
-        if recompute == "full" and kinds:  # one layer's working set while it is recomputed
-            kept += max(layer_activation_bytes_per_token(model, k, tp, sp, seq_len, "none") for k in set(kinds))
+    ranks = stage_chunks(model, parallel)
+    for i, chunks in enumerate(ranks):
+        if recompute == "full":
+            kept = _full_recompute_bytes_per_token(model, chunks, tp, sp, seq_len, recompute_method,
+                                                   max(recompute_num_layers, 1))
+        else:
+            kept = sum(layer_activation_bytes_per_token(model, k, tp, sp, seq_len, recompute)
+                       for kinds in chunks for k in kinds)
         per_mb = kept * tokens
-        if i == len(stages) - 1:
+        if i == len(ranks) - 1:
             per_mb += 4 * model.vocab_size / tp * tokens  # bf16 logits and their gradient
         out.per_rank.append(int(per_mb * (pp - i)))
     return out
