@@ -20,6 +20,7 @@ from igrpo_megatron.config.model import (
     ModelConfig,
     ParallelConfig,
 )
+from igrpo_megatron.config.sizing import stage_chunks
 
 _TP = "parallel.tensor_model_parallel_size"
 _PP = "parallel.pipeline_model_parallel_size"
@@ -72,21 +73,12 @@ def layout_errors(model: ModelConfig, parallel: ParallelConfig, world_size: int 
     return errs
 
 
-def layers_per_chunk(model: ModelConfig, parallel: ParallelConfig) -> list[int]:
-    """Layers of each model chunk (pipeline stage, or virtual stage with interleaving), in order."""
-    pattern = model.hybrid_pattern or ""
-    if model.architecture == "nemotron_h" and HYBRID_PIPE in pattern:
-        return [len(part) for part in pattern.split(HYBRID_PIPE)]
-    chunks = parallel.pipeline_model_parallel_size * (parallel.virtual_pipeline_model_parallel_size or 1)
-    return [model.num_layers // max(chunks, 1)] * max(chunks, 1)
-
-
 def recompute_errors(model: ModelConfig, parallel: ParallelConfig) -> list[str]:
     """Full recomputation against the layers of each model chunk (Megatron applies the method per chunk)."""
     n, method = model.recompute_num_layers, model.recompute_method
     if model.recompute_granularity != "full" or n is None or method is None or n < 1:
         return []  # missing or contradictory keys are ModelConfig.errors' to report
-    sizes = sorted(set(layers_per_chunk(model, parallel)))
+    sizes = sorted({len(chunk) for chunks in stage_chunks(model, parallel) for chunk in chunks})
     where = f"the layers per pipeline stage ({', '.join(map(str, sizes))})"
     if method == "uniform" and any(size % n for size in sizes):
         return [f"model.recompute_num_layers = {n} must divide {where} with model.recompute_method=uniform "
