@@ -277,8 +277,9 @@ class DynamicSamplingConfig:
                     "not trained on. Under iGRPO the refinement groups are the trained ones: a prompt whose "
                     "refinement group is all-equal is dropped and the refill runs the whole two-stage rollout "
                     "on new prompts. The test is on the reward that becomes the advantage (after "
-                    "algorithm.overlong_penalty), so with a 0/1 reward it is DAPO's all-right/all-wrong "
-                    "filter. false: every group is trained on.")
+                    "algorithm.overlong_penalty): with a 0/1 reward and no penalty it is DAPO's all-right/"
+                    "all-wrong filter; with the penalty, right answers of different penalties still differ "
+                    "(a nonzero advantage) and are kept. false: every group is trained on.")
     max_extra_rounds: int = param(
         4, help="Most extra rollout rounds per step (0: filter only, never refill). When they are spent the "
                 "step trains on the groups it has (a warning and dynamic_sampling/short_batch = 1), and a step "
