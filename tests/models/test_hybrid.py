@@ -135,7 +135,7 @@ def test_pattern_builds_the_layer_types_it_names(single_rank_facts):
     assert facts["mixer_uses_reference"]
     assert facts["mlp_activation"] == "squared_relu"
     assert not facts["has_position_embeddings"]
-    assert facts["final_norm"] == "RMSNorm"
+    assert facts["final_norm"] == "LocalRMSNorm"  # torch's RMSNorm, sequence-parallel aware (models/norms.py)
     names = facts["param_names"]
     assert "output_layer.weight" in names  # untied
     assert not any("bias" in n and "mixer" not in n for n in names)  # Nemotron-H: no linear biases
