@@ -106,10 +106,14 @@ class DataConfig:
     answer_field: str = param("answer", help="Column holding the reference answer.")
     id_field: str = param("id", help="Column holding a row's id: a row repeating an earlier row's id is skipped "
                                      "(or an error with data.strict). Rows without the column are not checked.")
-    synthetic_task: str | None = param(None, help="Name of a built-in generated task (e.g. 'arithmetic') "
-                                                  "used when train_path is null.")
+    synthetic_task: str | None = param(None, help="Name of a built-in generated task used when train_path is "
+                                                  "null: 'arithmetic' (1-3 operations) or 'arithmetic_chain' "
+                                                  "(4-6 operations, where a draft helps a refinement; "
+                                                  "data/synthetic.py, docs/learning.md).")
     synthetic_options: dict[str, int] = param(default_factory=dict, help="Settings of the synthetic task "
-                                              "(arithmetic: min_steps, max_steps, max_operand, max_start).")
+                                              "(arithmetic: min_steps, max_steps, max_operand, max_start, "
+                                              "slip_percent per solution; arithmetic_chain: the same with "
+                                              "slip_percent per computed line, plus max_value, max_multiplier).")
     synthetic_train_size: int = param(2000, help="Training problems generated for the synthetic task.")
     tokenizer_vocab_size: int = param(512, help="Vocabulary of the tokenizer the recipe trains itself "
                                                 "(synthetic task without tokenizer_path); = model.vocab_size.")
