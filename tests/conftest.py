@@ -17,6 +17,10 @@ ask for the ``eval_data_dir`` fixture. The files are looked for at ``$IGRPO_EVAL
 tests skip, with a reason that says how to get them (``igrpo data fetch``) and what to set; with
 ``CI`` set (non-empty) or ``IGRPO_REQUIRE_EVAL_DATA=1`` they fail with that reason instead, so CI
 cannot lose that coverage to a skip either. Every other evaluation test writes its own small files.
+
+Fixtures many packages' tests share: ``tiny_tokenizer`` (session), ``fmt`` (the training prompt
+formatter over it) and ``rewards`` (the training rewards, one math-verify worker). Their project
+imports stay inside the fixtures, so collecting a test that uses none of them imports nothing more.
 """
 
 from __future__ import annotations
@@ -68,6 +72,41 @@ def eval_data_dir() -> Path:
         pytest.fail(f"{reason}; required because CI or IGRPO_REQUIRE_EVAL_DATA=1 is set",
                     pytrace=False)
     return eval_data_path()
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tmp_path_factory):
+    """A byte-level BPE tokenizer with the ChatML chat template (round-trips any text)."""
+    from transformers import AutoTokenizer
+
+    from tests.helpers.tiny_models import build_tiny_tokenizer
+
+    return AutoTokenizer.from_pretrained(str(build_tiny_tokenizer(tmp_path_factory.mktemp("tiny_tok"))))
+
+
+@pytest.fixture(scope="module")
+def fmt(tiny_tokenizer):
+    """The training prompt formatter: ``tiny_tokenizer`` with the default ``data`` prompt settings."""
+    from igrpo_megatron.config.training import DataConfig
+    from igrpo_megatron.data.prompts import PromptFormatter
+
+    return PromptFormatter(tiny_tokenizer, DataConfig())
+
+
+@pytest.fixture(scope="module")
+def rewards():
+    """The training and draft rewards (math-verify + format, weight 1 each: right 2, wrong 1, no answer 0).
+
+    One math-verify worker; closed when the module's tests are done.
+    """
+    from igrpo_megatron.config.reward import RewardConfig
+    from igrpo_megatron.rewards.registry import build_rewards
+
+    cfg = RewardConfig()
+    cfg.math.num_workers = 1
+    fns = build_rewards(cfg)
+    yield fns
+    fns.close()
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -22,11 +22,7 @@ import torch
 
 from igrpo_megatron.algorithms import LOSS_VARIANTS, policy_loss, with_variant
 from igrpo_megatron.config.algorithm import AlgorithmConfig
-from igrpo_megatron.config.reward import RewardConfig
 from igrpo_megatron.config.schema import RecipeConfig
-from igrpo_megatron.config.training import DataConfig
-from igrpo_megatron.data.prompts import PromptFormatter
-from igrpo_megatron.rewards.registry import build_rewards
 from igrpo_megatron.training.loop import build_train_batch
 from tests.helpers.scripted_rollout import (
     RUN_SEED,
@@ -38,7 +34,6 @@ from tests.helpers.scripted_rollout import (
     table_script,
     tag_of,
 )
-from tests.helpers.tiny_models import build_tiny_tokenizer
 
 GOLDS = [5, 7, 9]
 KINDS = {
@@ -46,23 +41,6 @@ KINDS = {
     (1, 0): ["none", "none", "none"], (1, 1): ["none", "right"], (1, 2): ["none", "none"],
     (2, 0): ["right", "none", "none"], (2, 1): ["none", "none"], (2, 2): ["right", "none"],
 }
-
-
-@pytest.fixture(scope="module")
-def fmt(tmp_path_factory):
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(str(build_tiny_tokenizer(tmp_path_factory.mktemp("igrpo_tok"))))
-    return PromptFormatter(tok, DataConfig())
-
-
-@pytest.fixture(scope="module")
-def rewards():
-    cfg = RewardConfig()
-    cfg.math.num_workers = 1
-    fns = build_rewards(cfg)
-    yield fns
-    fns.close()
 
 
 def algorithm(policy: str = "keep", rounds: int = 2, train_on: str = "all") -> AlgorithmConfig:

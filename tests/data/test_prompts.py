@@ -17,7 +17,7 @@ import pytest
 
 from igrpo_megatron.config.algorithm import AlgorithmConfig
 from igrpo_megatron.config.evaluation import EvaluationConfig, RefinementEvalConfig
-from igrpo_megatron.config.reward import AnswerExtractionConfig, RewardConfig
+from igrpo_megatron.config.reward import AnswerExtractionConfig
 from igrpo_megatron.config.schema import RecipeConfig
 from igrpo_megatron.config.training import DataConfig
 from igrpo_megatron.data.datasets import PromptRecord
@@ -25,30 +25,12 @@ from igrpo_megatron.data.prompts import PromptError, PromptFormatter
 from igrpo_megatron.data.synthetic import build_task
 from igrpo_megatron.evaluation.benchmarks import Benchmark, BenchmarkSpec, Problem
 from igrpo_megatron.evaluation.runner import Evaluator
-from igrpo_megatron.rewards.registry import build_rewards
 from igrpo_megatron.training.warmstart import _sequences
 from tests.helpers.scripted_rollout import ScriptedEngine, run_step
-from tests.helpers.tiny_models import build_tiny_tokenizer
 
 PROBLEM = "Let $f(x) = \\frac{x}{2}$ and {problem} stay as written. What is $f(10)$?"
 DRAFT = "<think>" + "half of ten is five " * 6 + "</think><answer>5</answer>"
 TEMPLATE = "Solve: {problem}\nGive the answer inside <answer></answer>. Braces {like} this stay."
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(build_tiny_tokenizer(tmp_path_factory.mktemp("prompt_tok"))))
-
-
-@pytest.fixture(scope="module")
-def rewards():
-    cfg = RewardConfig()
-    cfg.math.num_workers = 1
-    fns = build_rewards(cfg)
-    yield fns
-    fns.close()
 
 
 def training_ids(tokenizer, rewards, data: DataConfig, alg: AlgorithmConfig, budget: int):
@@ -74,33 +56,33 @@ def evaluation_ids(tokenizer, rewards, cfg: EvaluationConfig, alg: AlgorithmConf
 @pytest.mark.parametrize("system_prompt, use_chat", [(None, True), ("", True), ("Be brief.", True), (None, False)],
                          ids=["no-system", "empty-system", "system", "no-chat-template"])
 @pytest.mark.parametrize("cut", [False, True], ids=["whole-draft", "draft-cut-to-budget"])
-def test_training_and_evaluation_send_the_same_ids(tokenizer, rewards, system_prompt, use_chat, cut):
+def test_training_and_evaluation_send_the_same_ids(tiny_tokenizer, rewards, system_prompt, use_chat, cut):
     data = DataConfig(prompt_template=TEMPLATE, system_prompt=system_prompt, use_chat_template=use_chat)
     alg = AlgorithmConfig()
     alg.igrpo.num_drafts, alg.igrpo.num_refinements, alg.igrpo.grpo_equivalent_budget = 2, 2, 4
     alg.igrpo.prompt.strip_think = False
-    fmt = PromptFormatter(tokenizer, data)
+    fmt = PromptFormatter(tiny_tokenizer, data)
     whole = fmt.refinement(PROBLEM, DRAFT, alg.igrpo.prompt, None)
     budget = len(whole.ids) - 10 if cut else 4096
-    train_plain, train_refine = training_ids(tokenizer, rewards, data, alg, budget)
+    train_plain, train_refine = training_ids(tiny_tokenizer, rewards, data, alg, budget)
     cfg = EvaluationConfig(prompt_template=TEMPLATE, system_prompt=system_prompt, use_chat_template=use_chat,
                            refine=RefinementEvalConfig(enabled=True, num_drafts=2, max_prompt_tokens=budget))
-    eval_plain, eval_refine = evaluation_ids(tokenizer, rewards, cfg, alg)
+    eval_plain, eval_refine = evaluation_ids(tiny_tokenizer, rewards, cfg, alg)
     assert train_plain == eval_plain == fmt.encode_problem(PROBLEM)
     assert train_refine == eval_refine and len(train_refine) <= budget
-    text = tokenizer.decode(train_refine)
+    text = tiny_tokenizer.decode(train_refine)
     assert PROBLEM in text and "Braces {like} this stay." in text and "{draft}" not in text
     assert ("[...]" in text) == cut and ("<answer>5</answer>" in text)
     assert ("<|im_start|>system" in text) == (use_chat and system_prompt is not None)
     assert ("<|im_start|>assistant" in text) == use_chat
 
 
-def test_warmstart_builds_draft_conditioned_prompts_the_same_way(tokenizer):
+def test_warmstart_builds_draft_conditioned_prompts_the_same_way(tiny_tokenizer):
     recipe = RecipeConfig()
     recipe.data.synthetic_task = "arithmetic"
     recipe.trainer.warmstart.num_examples = 6
     recipe.trainer.warmstart.refinement_fraction = 1.0
-    fmt = PromptFormatter(tokenizer, recipe.data)
+    fmt = PromptFormatter(tiny_tokenizer, recipe.data)
     items = build_task("arithmetic").generate(6, "train", seed=recipe.run.seed + 1)
     seqs = _sequences(recipe, fmt)
     assert len(seqs) == len(items)
@@ -112,20 +94,20 @@ def test_warmstart_builds_draft_conditioned_prompts_the_same_way(tokenizer):
         assert seq.prompt_ids != fmt.encode_problem(item.problem)
 
 
-def test_settings_errors_name_the_section(tokenizer):
+def test_settings_errors_name_the_section(tiny_tokenizer):
     with pytest.raises(PromptError, match=r"evaluation\.prompt_template must contain \{problem\} exactly once"):
-        PromptFormatter(tokenizer, EvaluationConfig(prompt_template="no placeholder"), section="evaluation")
+        PromptFormatter(tiny_tokenizer, EvaluationConfig(prompt_template="no placeholder"), section="evaluation")
     with pytest.raises(PromptError, match=r"data\.prompt_template .* \(found 2\)"):
-        PromptFormatter(tokenizer, DataConfig(prompt_template="{problem} {problem}"))
-    bare = type(tokenizer).from_pretrained(tokenizer.name_or_path)
+        PromptFormatter(tiny_tokenizer, DataConfig(prompt_template="{problem} {problem}"))
+    bare = type(tiny_tokenizer).from_pretrained(tiny_tokenizer.name_or_path)
     bare.chat_template = None
     with pytest.raises(PromptError, match=r"data\.use_chat_template"):
         PromptFormatter(bare, DataConfig())
     assert PromptFormatter(bare, replace(DataConfig(), use_chat_template=False)).encode_problem("1 + 1") != []
 
 
-def test_no_room_for_the_draft_gives_none(tokenizer):
-    fmt = PromptFormatter(tokenizer, DataConfig())
+def test_no_room_for_the_draft_gives_none(tiny_tokenizer):
+    fmt = PromptFormatter(tiny_tokenizer, DataConfig())
     cfg = AlgorithmConfig().igrpo.prompt
     plain = len(fmt.encode_problem(PROBLEM))
     assert fmt.refinement(PROBLEM, DRAFT, cfg, plain + 5) is None  # the template alone is longer

@@ -20,7 +20,6 @@ from igrpo_megatron.config.schema import RecipeConfig
 from igrpo_megatron.data.prompts import PromptFormatter
 from igrpo_megatron.data.rows import DataError
 from igrpo_megatron.data.sources import training_records
-from tests.helpers.tiny_models import build_tiny_tokenizer
 
 pytestmark = pytest.mark.faults
 
@@ -36,11 +35,8 @@ ROWS = [
 
 
 @pytest.fixture(scope="module")
-def formatter(tmp_path_factory):
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(str(build_tiny_tokenizer(tmp_path_factory.mktemp("tok"))))
-    return lambda data: PromptFormatter(tok, data)
+def formatter(tiny_tokenizer):
+    return lambda data: PromptFormatter(tiny_tokenizer, data)
 
 
 def _recipe(tmp_path, rows, strict=False) -> RecipeConfig:

@@ -1,4 +1,6 @@
-"""Shared fixtures of the evaluation tests: a tiny tokenizer, a scripted engine.
+"""Shared helpers of the evaluation tests: an exact-match reward, a scripted engine.
+
+Their tiny tokenizer is the ``tiny_tokenizer`` fixture of tests/conftest.py.
 
 The public eval files come from the ``eval_data_dir`` fixture in tests/conftest.py (which says where
 it looks, and when a test without them skips or fails); tests that do not need those exact files
@@ -11,21 +13,10 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pytest
-
 from igrpo_megatron.rewards.interfaces import ItemInfo, RewardItem, RewardResult
 from igrpo_megatron.rollout.interfaces import Completion, CompletionGroup, SamplingParams
-from tests.helpers.tiny_models import build_tiny_tokenizer
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="session")
-def tiny_tokenizer(tmp_path_factory):
-    """A byte-level BPE tokenizer with the ChatML chat template (round-trips any text)."""
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(build_tiny_tokenizer(tmp_path_factory.mktemp("eval_tok"))))
 
 
 BOXED = re.compile(r"\\boxed\{([^{}]*)\}")

@@ -16,36 +16,14 @@ import logging
 import pytest
 
 from igrpo_megatron.config.algorithm import AlgorithmConfig
-from igrpo_megatron.config.reward import RewardConfig
 from igrpo_megatron.config.schema import RecipeConfig
-from igrpo_megatron.config.training import DataConfig
-from igrpo_megatron.data.prompts import PromptFormatter
-from igrpo_megatron.rewards.registry import build_rewards
 from igrpo_megatron.rollout.interfaces import SamplingParams
 from igrpo_megatron.rollout.two_stage import TwoStageRollout, request_seed
 from igrpo_megatron.training.loop import RLTrainer, build_train_batch
 from tests.helpers.distributed import run_on_ranks
 from tests.helpers.scripted_rollout import RUN_SEED, STEP, ScriptedEngine, problems, seed_table, table_script
-from tests.helpers.tiny_models import build_tiny_tokenizer
 
 GOLDS = [3, 4, 5, 6, 7, 8]  # up to 3 rounds of 2 prompts
-
-
-@pytest.fixture(scope="module")
-def fmt(tmp_path_factory):
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(str(build_tiny_tokenizer(tmp_path_factory.mktemp("tok"))))
-    return PromptFormatter(tok, DataConfig())
-
-
-@pytest.fixture(scope="module")
-def rewards():
-    cfg = RewardConfig()
-    cfg.math.num_workers = 1
-    fns = build_rewards(cfg)
-    yield fns
-    fns.close()
 
 
 def _grpo_seeds(num_prompts: int) -> dict[int, tuple[int, int]]:

@@ -14,12 +14,10 @@ import pytest
 import torch
 
 from igrpo_megatron.config.algorithm import AlgorithmConfig
-from igrpo_megatron.config.reward import RewardConfig
 from igrpo_megatron.config.training import DataConfig
 from igrpo_megatron.data.datasets import PromptRecord
 from igrpo_megatron.data.prompts import PromptFormatter
 from igrpo_megatron.rewards.interfaces import ItemInfo, RewardResult
-from igrpo_megatron.rewards.registry import build_reward
 from igrpo_megatron.rollout.client import RolloutClient
 from igrpo_megatron.rollout.interfaces import (
     Completion,
@@ -46,15 +44,6 @@ def algorithm(enabled: bool = True) -> AlgorithmConfig:
     return alg
 
 
-@pytest.fixture(scope="module")
-def reward():
-    cfg = RewardConfig()
-    cfg.math.num_workers = 1
-    fn = build_reward(cfg)
-    yield fn
-    fn.close()
-
-
 def run_rollout(url, model_dir, reward, alg, barrier=False):
     from transformers import AutoTokenizer
 
@@ -74,8 +63,8 @@ def run_rollout(url, model_dir, reward, alg, barrier=False):
 
 
 @pytest.mark.vllm
-def test_two_stage_counts_provenance_rewards(sidecar, tiny_model_dir, reward):
-    batch, fmt = run_rollout(sidecar.url, tiny_model_dir, reward, algorithm())
+def test_two_stage_counts_provenance_rewards(sidecar, tiny_model_dir, rewards):
+    batch, fmt = run_rollout(sidecar.url, tiny_model_dir, rewards.train, algorithm())
     drafts = [s for s in batch.samples if s.stage == "draft"]
     refines = [s for s in batch.samples if s.stage == "refine"]
     assert len(drafts) == 8 * 2 and len(refines) == 8 * 2
@@ -104,8 +93,8 @@ def test_two_stage_counts_provenance_rewards(sidecar, tiny_model_dir, reward):
 
 
 @pytest.mark.vllm
-def test_rollout_logprobs_match_transformers(sidecar, tiny_model_dir, reward):
-    batch, _ = run_rollout(sidecar.url, tiny_model_dir, reward, algorithm())
+def test_rollout_logprobs_match_transformers(sidecar, tiny_model_dir, rewards):
+    batch, _ = run_rollout(sidecar.url, tiny_model_dir, rewards.train, algorithm())
     for s in batch.samples[:6]:
         # The server reports processed log-probs: those of the tempered distribution it sampled from.
         expected = hf_token_logprobs(tiny_model_dir, s.prompt_ids, s.completion_ids, temperature=TEMPERATURE)
@@ -113,20 +102,20 @@ def test_rollout_logprobs_match_transformers(sidecar, tiny_model_dir, reward):
 
 
 @pytest.mark.vllm
-def test_grpo_path_and_determinism(sidecar, tiny_model_dir, reward):
-    batch, _ = run_rollout(sidecar.url, tiny_model_dir, reward, algorithm(enabled=False))
+def test_grpo_path_and_determinism(sidecar, tiny_model_dir, rewards):
+    batch, _ = run_rollout(sidecar.url, tiny_model_dir, rewards.train, algorithm(enabled=False))
     assert {s.stage for s in batch.samples} == {"grpo"}
     assert len(batch.samples) == 8 * 4 and len(batch.training_groups()) == 8
-    again, _ = run_rollout(sidecar.url, tiny_model_dir, reward, algorithm(enabled=False))
+    again, _ = run_rollout(sidecar.url, tiny_model_dir, rewards.train, algorithm(enabled=False))
     # Seeds derive from (run seed, step, prompt, stage): the same step samples the same tokens.
     assert [s.completion_ids for s in batch.samples] == [s.completion_ids for s in again.samples]
     assert request_seed(3, 0, 1, "grpo", 0) != request_seed(3, 1, 1, "grpo", 0)
 
 
 @pytest.mark.vllm
-def test_barrier_mode_gives_the_same_samples(sidecar, tiny_model_dir, reward):
-    pipelined, _ = run_rollout(sidecar.url, tiny_model_dir, reward, algorithm())
-    barrier, _ = run_rollout(sidecar.url, tiny_model_dir, reward, algorithm(), barrier=True)
+def test_barrier_mode_gives_the_same_samples(sidecar, tiny_model_dir, rewards):
+    pipelined, _ = run_rollout(sidecar.url, tiny_model_dir, rewards.train, algorithm())
+    barrier, _ = run_rollout(sidecar.url, tiny_model_dir, rewards.train, algorithm(), barrier=True)
     key = lambda b: [(s.prompt_index, s.stage, s.draft_source, s.completion_ids) for s in b.samples]  # noqa: E731
     assert key(pipelined) == key(barrier)
 

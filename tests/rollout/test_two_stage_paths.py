@@ -20,11 +20,9 @@ import pytest
 
 from igrpo_megatron.algorithms.refinement_prompt import fill_template
 from igrpo_megatron.config.algorithm import AlgorithmConfig
-from igrpo_megatron.config.reward import RewardConfig
 from igrpo_megatron.config.training import DataConfig
 from igrpo_megatron.data.datasets import PromptRecord
 from igrpo_megatron.data.prompts import PromptFormatter
-from igrpo_megatron.rewards.registry import build_rewards
 from igrpo_megatron.rollout.client import RolloutClient
 from igrpo_megatron.rollout.interfaces import SamplingParams
 from igrpo_megatron.rollout.two_stage import TwoStageRollout
@@ -64,18 +62,11 @@ EXPECTED = {
 
 @pytest.fixture(scope="module")
 def fmt(tiny_model_dir):
+    """Overrides tests/conftest.py's ``fmt``: the vLLM test sends these ids to the served tiny model, so the
+    formatter uses that model's own tokenizer. ``rewards`` is the shared one from tests/conftest.py."""
     from transformers import AutoTokenizer
 
     return PromptFormatter(AutoTokenizer.from_pretrained(str(tiny_model_dir)), DataConfig())
-
-
-@pytest.fixture(scope="module")
-def rewards():
-    cfg = RewardConfig()
-    cfg.math.num_workers = 1
-    fns = build_rewards(cfg)
-    yield fns
-    fns.close()
 
 
 def algorithm(n: int, g: int, rounds: int = 1) -> AlgorithmConfig:

@@ -16,11 +16,7 @@ import math
 import pytest
 
 from igrpo_megatron.config.algorithm import AlgorithmConfig
-from igrpo_megatron.config.reward import RewardConfig
 from igrpo_megatron.config.schema import RecipeConfig
-from igrpo_megatron.config.training import DataConfig
-from igrpo_megatron.data.prompts import PromptFormatter
-from igrpo_megatron.rewards.registry import build_rewards
 from igrpo_megatron.training.loop import RLTrainer, build_train_batch
 from tests.helpers.scripted_rollout import (
     RUN_SEED,
@@ -31,28 +27,10 @@ from tests.helpers.scripted_rollout import (
     seed_table,
     table_script,
 )
-from tests.helpers.tiny_models import build_tiny_tokenizer
 
 pytestmark = pytest.mark.faults
 
 GOLDS = [5, 7]
-
-
-@pytest.fixture(scope="module")
-def fmt(tmp_path_factory):
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(str(build_tiny_tokenizer(tmp_path_factory.mktemp("tok"))))
-    return PromptFormatter(tok, DataConfig())
-
-
-@pytest.fixture(scope="module")
-def rewards():
-    cfg = RewardConfig()
-    cfg.math.num_workers = 1
-    fns = build_rewards(cfg)
-    yield fns
-    fns.close()
 
 
 def _step(fmt, rewards, drafts: str, refinements: list[str]):
