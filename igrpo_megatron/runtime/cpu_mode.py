@@ -160,7 +160,8 @@ def enable_cpu_mode() -> bool:
         for name in _RECOMPUTING_FUNCTIONS:
             if hasattr(mrandom, name):
                 cls = getattr(mrandom, name)
-                _patch(cls, "backward", _backward_in_cpu_mode(cls.backward))
+                _STATE.saved.append((cls, "backward", cls.__dict__["backward"]))  # the staticmethod itself
+                cls.backward = _backward_in_cpu_mode(cls.backward)
     _STATE.mode = _CudaAsCpu()
     _STATE.mode.__enter__()
     logger.info("CPU mode on: Megatron-Core will run on the CPU")
