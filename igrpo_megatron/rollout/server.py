@@ -14,7 +14,6 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -23,6 +22,7 @@ import urllib.request
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from igrpo_megatron.config.ports import free_port
 from igrpo_megatron.config.rollout import RolloutServerConfig
 from igrpo_megatron.rollout.endpoints import sidecar_python
 from igrpo_megatron.rollout.interfaces import SidecarError, SidecarRestartLimitError, SidecarStartError
@@ -136,7 +136,7 @@ class RolloutServer:
                 return
             self.stop()  # a dead earlier process may have left children and an open log behind
             if self._port == 0:
-                self._port = _free_port(self.cfg.host)
+                self._port = free_port(self.cfg.host)
             self.log_dir.mkdir(parents=True, exist_ok=True)
             self._log_file = open(self.log_path, "ab")  # noqa: SIM115 (closed in stop())
             self._log_file.write(f"\n=== igrpo: starting {' '.join(self.command())}\n".encode())
@@ -363,12 +363,6 @@ def _signal_group(pgid: int, sig: int) -> None:
         os.killpg(pgid, sig)
     except ProcessLookupError:
         pass
-
-
-def _free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host if host not in ("", "::") else "0.0.0.0", 0))
-        return s.getsockname()[1]
 
 
 def _cpu_engine_args(c, model_path=None) -> list[str]:

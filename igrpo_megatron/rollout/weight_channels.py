@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from igrpo_megatron.config.ports import free_port
 from igrpo_megatron.rollout.interfaces import WeightSyncError
 
 logger = logging.getLogger(__name__)
@@ -230,9 +231,7 @@ class NcclChannel:
     def listen(self, num_workers: int) -> dict:
         self._world_size = num_workers + 1
         if not self.master_port:  # vLLM's rendezvous opens the store itself: it needs a concrete port
-            with socket.socket() as s:
-                s.bind((self.master_address, 0))
-                self.master_port = s.getsockname()[1]
+            self.master_port = free_port(self.master_address)
         return {"master_address": self.master_address, "master_port": self.master_port, "rank_offset": 1,
                 "world_size": self._world_size, "packed": True, "packed_buffer_size_bytes": self.bucket_bytes,
                 "packed_num_buffers": 2}

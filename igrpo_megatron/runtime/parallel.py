@@ -14,6 +14,7 @@ import torch.distributed as dist
 
 from igrpo_megatron.config.layout import check_world_size
 from igrpo_megatron.config.model import ParallelConfig
+from igrpo_megatron.config.ports import free_port
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +68,7 @@ def init_distributed(parallel: ParallelConfig, seed: int = 1234, timeout_minutes
         rank = int(os.environ.get("RANK", "0"))
         if world_size == 1 and "MASTER_ADDR" not in os.environ:
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+            os.environ.setdefault("MASTER_PORT", str(free_port()))
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(
@@ -100,11 +101,3 @@ def destroy_distributed() -> None:
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

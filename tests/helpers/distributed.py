@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import os
-import socket
 import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -17,11 +16,7 @@ from typing import Any
 import torch
 import torch.multiprocessing as mp
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from igrpo_megatron.config.ports import free_port
 
 
 def _rank_main(fn, rank, world_size, port, args, env, queue):

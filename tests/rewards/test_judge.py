@@ -4,12 +4,12 @@ concurrency, and the counted fallback when a reply cannot be parsed or the judge
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
 from collections.abc import Sequence
 
 import pytest
 
+from igrpo_megatron.config.ports import free_port
 from igrpo_megatron.config.reward import AnswerExtractionConfig, JudgeConfig, RewardConfig
 from igrpo_megatron.rewards import build_rewards
 from igrpo_megatron.rewards.interfaces import ItemInfo, RewardItem, RewardResult
@@ -167,9 +167,7 @@ def test_client_errors_are_not_retried_and_exhausted_retries_fall_back():
 
 
 def test_judge_down_falls_back_for_every_item():
-    with socket.socket() as s:  # a port with nobody listening
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # a port with nobody listening
     judge = _judge(f"http://127.0.0.1:{port}", FixedFallback(), max_retries=1)
     result = judge.score([_item("a"), _item("b")])
     assert result.rewards == [0.25, 0.25]

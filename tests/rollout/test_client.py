@@ -8,10 +8,10 @@ in-process fake of the HTTP API.
 from __future__ import annotations
 
 import asyncio
-import socket
 
 import pytest
 
+from igrpo_megatron.config.ports import free_port
 from igrpo_megatron.config.rollout import RetryConfig, RolloutConfig
 from igrpo_megatron.rollout.client import BlockingRolloutClient, RolloutClient
 from igrpo_megatron.rollout.interfaces import (
@@ -150,9 +150,7 @@ def test_4xx_is_not_retried():
 
 
 def test_unreachable_server_raises_naming_the_url():
-    with socket.socket() as s:  # a port nobody listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # a port nobody listens on
     url = f"http://127.0.0.1:{port}"
     with pytest.raises(SidecarUnavailableError) as info:
         _run(_with_client(url, lambda c: c.generate([[1], [2], [3]]), retry=FAST_RETRY))

@@ -18,7 +18,6 @@ import concurrent.futures
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -28,6 +27,7 @@ from pathlib import Path
 
 import pytest
 
+from igrpo_megatron.config.ports import free_port
 from igrpo_megatron.config.rollout import RetryConfig
 from igrpo_megatron.rollout.client import CLIENT_KEEPALIVE_S, BlockingRolloutClient, RolloutClient
 from igrpo_megatron.rollout.interfaces import SamplingParams, SidecarUnavailableError
@@ -106,9 +106,7 @@ def test_retries_and_possible_duplicates_are_counted():
 
 
 def test_failed_connects_are_retries_but_no_duplicates():
-    with socket.socket() as s:  # a port nobody listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # a port nobody listens on
 
     async def body():
         async with RolloutClient(f"http://127.0.0.1:{port}", retry=FAST_RETRY) as client:

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import pytest
 
+from igrpo_megatron.config.ports import free_port
+
 HERE = Path(__file__).resolve().parent
 DAEMONS = ("munged", "mungekey", "slurmctld", "slurmd")
 CLIENTS = ("sbatch", "scontrol", "sinfo", "scancel", "srun")
@@ -44,12 +46,6 @@ def private_tmp_blocker() -> str | None:
             return (f"{path} lies under /tmp, which job_container/tmpfs would hide from the jobs; they run "
                     "without private /tmp and /dev/shm here (clone outside /tmp to test the isolation)")
     return None
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _which(name: str) -> str | None:
@@ -89,8 +85,8 @@ class SlurmCluster:
         for sub in ("munge", "state", "spool/n1", "spool/n2", "log"):
             (d / sub).mkdir(parents=True, exist_ok=True)
         (d / "munge").chmod(0o755)
-        values = {"HOST": socket.gethostname().split(".")[0], "DIR": str(d), "CTLD_PORT": _free_port(),
-                  "N1_PORT": _free_port(), "N2_PORT": _free_port()}
+        values = {"HOST": socket.gethostname().split(".")[0], "DIR": str(d), "CTLD_PORT": free_port(),
+                  "N1_PORT": free_port(), "N2_PORT": free_port()}
         for name in ("slurm.conf", "job_container.conf"):  # slurmd reads the second next to the first
             text = (HERE / f"{name}.in").read_text()
             for key, value in values.items():

@@ -31,7 +31,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers.distributed import free_port, run_on_ranks
+from igrpo_megatron.config.ports import free_port
+from tests.helpers.distributed import run_on_ranks
 from tests.slurm.conftest import private_tmp_blocker
 
 ROOT = Path(__file__).resolve().parents[2]
