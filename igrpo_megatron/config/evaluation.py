@@ -179,6 +179,29 @@ class EvaluationConfig:
         return errs
 
 
+def benchmark_kind(name: str, datasets: dict[str, Any]) -> str | None:
+    """How a benchmark name is found: 'dataset' (an ``evaluation.datasets`` entry), else 'builtin', else
+    'heldout', else 'file' (a .jsonl/.parquet path); None: unknown.
+
+    The one look-up order: ``evaluation.benchmarks.resolve_spec`` builds the spec from it and
+    ``igrpo plan`` checks the files it will read.
+    """
+    if name in datasets:
+        return "dataset"
+    if name in BUILTIN_BENCHMARK_NAMES:
+        return "builtin"
+    if name == HELDOUT_BENCHMARK:
+        return "heldout"
+    if name.endswith(TABLE_SUFFIXES):
+        return "file"
+    return None
+
+
+def known_benchmarks(datasets: dict[str, Any]) -> list[str]:
+    """Every benchmark name (not path) :func:`benchmark_kind` knows, for 'unknown benchmark' messages."""
+    return sorted({*BUILTIN_BENCHMARK_NAMES, HELDOUT_BENCHMARK, *datasets})
+
+
 def dataset_errors(name: str, spec: Any, key: str) -> list[str]:
     """Problems with one ``evaluation.datasets`` entry (unknown keys, missing path, bad types)."""
     if not isinstance(spec, dict):

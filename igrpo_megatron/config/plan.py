@@ -18,12 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from igrpo_megatron.config.errors import UserError
-from igrpo_megatron.config.evaluation import (
-    BUILTIN_BENCHMARK_NAMES,
-    EVAL_DATA_DIR_ENV,
-    HELDOUT_BENCHMARK,
-    TABLE_SUFFIXES,
-)
+from igrpo_megatron.config.evaluation import EVAL_DATA_DIR_ENV, benchmark_kind, known_benchmarks
 from igrpo_megatron.config.layout import layout_errors, micro_batch_pad_multiple
 from igrpo_megatron.config.schema import RecipeConfig
 from igrpo_megatron.config.sizing import (
@@ -231,16 +226,17 @@ def file_errors(recipe: RecipeConfig) -> list[str]:
 
 
 def benchmark_errors(recipe: RecipeConfig) -> list[str]:
-    """Whether every benchmark of the in-training evaluation hook can be found (same order of look-up
-    as ``evaluation.benchmarks.resolve_spec``: recipe datasets, built-ins, 'heldout', file paths)."""
+    """Whether every benchmark of the in-training evaluation hook can be found (looked up as
+    ``evaluation.benchmarks.resolve_spec`` does, through ``benchmark_kind``)."""
     ev, d, errs = recipe.evaluation, recipe.data, []
     hook = f"trainer.eval_every = {recipe.trainer.eval_every} runs evaluation.hook.benchmarks"
     for name in ev.hook.benchmarks:
-        if name in ev.datasets:
+        kind = benchmark_kind(name, ev.datasets)
+        if kind == "dataset":
             path = ev.datasets[name].get("path")
             if isinstance(path, str):
                 _need(errs, f"evaluation.datasets.{name}.path", path, "file")
-        elif name in BUILTIN_BENCHMARK_NAMES:
+        elif kind == "builtin":
             data_dir = ev.data_dir or os.environ.get(EVAL_DATA_DIR_ENV)
             if not data_dir:
                 errs.append(f"{hook} with built-in {name!r}, read from evaluation.data_dir, which is null (and "
@@ -249,16 +245,16 @@ def benchmark_errors(recipe: RecipeConfig) -> list[str]:
             else:
                 _need(errs, "evaluation.data_dir" if ev.data_dir else f"${EVAL_DATA_DIR_ENV}",
                       str(Path(data_dir) / f"{name}.jsonl"), "file")
-        elif name == HELDOUT_BENCHMARK:
+        elif kind == "heldout":
             if not d.eval_path and not d.synthetic_task:
                 errs.append(f"{hook} = {list(ev.hook.benchmarks)}; 'heldout' reads data.eval_path, which is null: "
                             "set data.eval_path to the held-out prompts (JSONL/Parquet), name other benchmarks "
                             "in evaluation.hook.benchmarks, or set trainer.eval_every=0.")
-        elif name.endswith(TABLE_SUFFIXES):
+        elif kind == "file":
             _need(errs, "evaluation.hook.benchmarks", name, "file")
         else:
             errs.append(f"evaluation.hook.benchmarks: unknown benchmark {name!r}; use one of "
-                        f"{sorted({*BUILTIN_BENCHMARK_NAMES, HELDOUT_BENCHMARK, *ev.datasets})} or a .jsonl/.parquet path.")
+                        f"{known_benchmarks(ev.datasets)} or a .jsonl/.parquet path.")
     return errs
 
 

@@ -25,9 +25,10 @@ from igrpo_megatron.config.evaluation import (
     ANSWER_TYPES,
     EVAL_DATA_DIR_ENV,
     HELDOUT_BENCHMARK,
-    TABLE_SUFFIXES,
     EvaluationConfig,
+    benchmark_kind,
     dataset_errors,
+    known_benchmarks,
 )
 from igrpo_megatron.config.training import DataConfig
 from igrpo_megatron.data.rows import DataError, Row, answer_text, check_row
@@ -123,13 +124,15 @@ def eval_data_dir(configured: str | None) -> Path:
 
 def resolve_spec(name: str, cfg: EvaluationConfig, data: DataConfig | None = None, *,
                  problem_field: str = "problem", answer_field: str = "answer", seed: int = 0) -> BenchmarkSpec:
-    """The spec for a benchmark name: recipe-defined datasets first, then built-ins, 'heldout', file paths.
+    """The spec for a benchmark name, looked up in :func:`benchmark_kind`'s order (recipe datasets, built-ins,
+    'heldout', file paths).
 
     'heldout' is ``data.eval_path`` when set, else the held-out split of ``data.synthetic_task``
     generated with ``seed`` (the recipe's run seed). ``problem_field`` / ``answer_field`` apply to a
     bare file path (``--benchmarks my/set.parquet``).
     """
-    if name in cfg.datasets:
+    kind = benchmark_kind(name, cfg.datasets)
+    if kind == "dataset":
         entry = cfg.datasets[name]
         errs = dataset_errors(name, entry, f"evaluation.datasets.{name}")
         if errs:
@@ -138,9 +141,9 @@ def resolve_spec(name: str, cfg: EvaluationConfig, data: DataConfig | None = Non
                              answer_field=entry.get("answer_field") or "answer", id_field=entry.get("id_field"),
                              answer_type=entry.get("answer_type") or "auto", path=entry["path"],
                              default_samples=entry.get("samples_per_problem"))
-    if name in BUILTIN_BENCHMARKS:
+    if kind == "builtin":
         return BUILTIN_BENCHMARKS[name]
-    if name == HELDOUT_BENCHMARK:
+    if kind == "heldout":
         if data is not None and data.eval_path is not None:
             return BenchmarkSpec(HELDOUT_BENCHMARK, problem_field=data.problem_field,
                                  answer_field=data.answer_field, path=data.eval_path)
@@ -150,11 +153,11 @@ def resolve_spec(name: str, cfg: EvaluationConfig, data: DataConfig | None = Non
         raise BenchmarkError("benchmark 'heldout' reads data.eval_path (or the held-out split of "
                              "data.synthetic_task), and neither is set; set data.eval_path to the held-out "
                              "JSONL/Parquet file, or name another benchmark.")
-    if name.endswith(TABLE_SUFFIXES):
+    if kind == "file":
         return BenchmarkSpec(Path(name).stem, problem_field=problem_field, answer_field=answer_field, path=name)
-    known = sorted(set(BUILTIN_BENCHMARKS) | set(cfg.datasets) | {HELDOUT_BENCHMARK})
-    raise BenchmarkError(f"unknown benchmark {name!r}: use one of {known}, a path to a .jsonl/.parquet file, or "
-                         f"define it under evaluation.datasets.{name} (path, problem_field, answer_field).")
+    raise BenchmarkError(f"unknown benchmark {name!r}: use one of {known_benchmarks(cfg.datasets)}, a path to a "
+                         f".jsonl/.parquet file, or define it under evaluation.datasets.{name} (path, problem_field, "
+                         "answer_field).")
 
 
 def samples_per_problem(spec: BenchmarkSpec, cfg: EvaluationConfig) -> int:

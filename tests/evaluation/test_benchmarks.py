@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from igrpo_megatron.config.evaluation import EvaluationConfig
+from igrpo_megatron.config.evaluation import BUILTIN_BENCHMARK_NAMES, EvaluationConfig
 from igrpo_megatron.config.reward import AnswerExtractionConfig
 from igrpo_megatron.config.training import DataConfig
 from igrpo_megatron.evaluation.benchmarks import (
@@ -189,6 +189,12 @@ def test_normalize_gold(value, answer_type, expected):
 def test_normalize_gold_rejects(value, answer_type, message):
     with pytest.raises(BenchmarkError, match=message):
         normalize_gold(value, answer_type, "f.jsonl, row 7")
+
+
+def test_every_builtin_name_resolves_to_its_file():
+    # config's benchmark_kind (which `igrpo plan` uses too) and evaluation's BUILTIN_BENCHMARKS name the same sets
+    files = [resolve_spec(name, EvaluationConfig()).file_name for name in BUILTIN_BENCHMARK_NAMES]
+    assert files == [f"{name}.jsonl" for name in BUILTIN_BENCHMARK_NAMES]
 
 
 def test_unknown_name_missing_data_dir_and_heldout(monkeypatch, tmp_path):
