@@ -12,6 +12,7 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> Path:
@@ -36,6 +37,16 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> Pa
 def write_text(path: str | os.PathLike, text: str) -> Path:
     """Write ``text`` (UTF-8) to ``path`` atomically."""
     return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def write_figure(path: str | os.PathLike, fig: Any, dpi: int = 100) -> Path:
+    """Save a Matplotlib figure to ``path`` as PNG atomically, then close it (pyplot keeps it otherwise)."""
+    import matplotlib.pyplot as plt
+
+    try:
+        return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi))
+    finally:
+        plt.close(fig)
 
 
 def replace_directory(staged: str | os.PathLike, final: str | os.PathLike) -> Path:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from igrpo_megatron.config.files import atomic_write, write_text
+from igrpo_megatron.config.files import write_figure, write_text
 from igrpo_megatron.evaluation.passk import difference_interval
 from igrpo_megatron.evaluation.records import RESULTS_FORMAT_VERSION
 
@@ -131,9 +131,7 @@ def plot_results(run: dict[str, Any], path: str | os.PathLike) -> Path:
     ax_b.set_title(f"{run.get('label', '')}: accuracy per benchmark")
     ax_b.legend(fontsize=8)
     fig.tight_layout()
-    out = atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
-    plt.close(fig)
-    return out
+    return write_figure(path, fig, dpi=110)
 
 
 def _yerr(ms: list[dict[str, Any]]) -> list[list[float]]:
@@ -234,6 +232,4 @@ def plot_comparison(rows: list[Comparison], label_a: str, label_b: str, path: st
     ax.set_title(f"{metric}: B - A (* = outside the CI)")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    out = atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
-    plt.close(fig)
-    return out
+    return write_figure(path, fig, dpi=110)

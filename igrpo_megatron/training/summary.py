@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from igrpo_megatron.config.files import atomic_write, write_text
+from igrpo_megatron.config.files import write_figure, write_text
 from igrpo_megatron.config.schema import RecipeConfig
 
 logger = logging.getLogger(__name__)
@@ -43,9 +43,7 @@ def plot_training(history: list[dict[str, Any]], recipe: RecipeConfig, path: Pat
     axes[1].set(xlabel="step", ylabel="pass@1", title="Held-out accuracy")
     fig.suptitle(recipe.run.name)
     fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
-    plt.close(fig)
-    return path
+    return write_figure(path, fig, dpi=100)
 
 
 def write_summary(run_dir: Path, history: list[dict[str, Any]], recipe: RecipeConfig) -> Path:

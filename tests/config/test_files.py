@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from igrpo_megatron.config.files import atomic_write, replace_directory, write_text
+from igrpo_megatron.config.files import atomic_write, replace_directory, write_figure, write_text
 
 
 def test_write_text_creates_parents_and_replaces(tmp_path):
@@ -37,3 +37,17 @@ def test_replace_directory(tmp_path):
     (staged / "new").write_text("y")
     replace_directory(staged, final)
     assert [p.name for p in final.iterdir()] == ["new"] and not staged.exists()
+
+
+def test_write_figure_saves_a_png_and_closes_the_figure(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [1, 0])
+    path = write_figure(tmp_path / "plots" / "f.png", fig)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not plt.fignum_exists(fig.number)  # closed: pyplot would keep it alive otherwise
+    assert [p.name for p in path.parent.iterdir()] == ["f.png"]
