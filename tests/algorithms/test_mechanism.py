@@ -62,22 +62,9 @@ def test_mismatched_plain_inputs_are_an_error():
 # --------------------------------------------------------------- through the real rollout
 
 
-@pytest.fixture(scope="module")
-def fmt(tmp_path_factory):
-    from transformers import AutoTokenizer
-
-    from igrpo_megatron.config.training import DataConfig
-    from igrpo_megatron.data.prompts import PromptFormatter
-    from tests.helpers.tiny_models import build_tiny_tokenizer
-
-    tok = AutoTokenizer.from_pretrained(str(build_tiny_tokenizer(tmp_path_factory.mktemp("tok"))))
-    return PromptFormatter(tok, DataConfig())
-
-
-def test_the_loop_function_on_a_scripted_two_stage_step(fmt):
+def test_the_loop_function_on_a_scripted_two_stage_step(fmt, rewards):
     from igrpo_megatron.config.algorithm import AlgorithmConfig
     from igrpo_megatron.config.reward import RewardConfig
-    from igrpo_megatron.rewards.registry import build_rewards
     from igrpo_megatron.training.metrics import rollout_mechanism_metrics
     from tests.helpers.scripted_rollout import ScriptedEngine, problems, run_step, seed_table, table_script
 
@@ -90,15 +77,9 @@ def test_the_loop_function_on_a_scripted_two_stage_step(fmt):
              (0, 1): ["right", "right"],                   # both copy it
              (1, 0): ["wrong", "none", "none", "none"],    # 'best' shows draft 0: incorrect, answer 8
              (1, 1): ["right", "wrong"]}                   # one fix (7), one copy (8)
-    cfg = RewardConfig()
-    cfg.math.num_workers = 1
-    rewards = build_rewards(cfg)
-    try:
-        engine = ScriptedEngine(fmt.tokenizer, table_script(kinds, golds, seed_table(3, 0, 2, 1)))
-        rollout = run_step(engine, fmt, rewards, alg, problems(golds))
-    finally:
-        rewards.close()
-    m = rollout_mechanism_metrics(rollout, cfg.extraction)
+    engine = ScriptedEngine(fmt.tokenizer, table_script(kinds, golds, seed_table(3, 0, 2, 1)))
+    rollout = run_step(engine, fmt, rewards, alg, problems(golds))
+    m = rollout_mechanism_metrics(rollout, RewardConfig().extraction)  # the rewards fixture's settings
     assert m["mechanism/plain_prompt_acc"] == pytest.approx(1 / 8)  # one of 8 drafts is right
     assert m["mechanism/plain_prompt_reward"] == pytest.approx(5 / 8)  # (2 + 1 + 1 + 0) + (1 + 0 + 0 + 0)
     assert m["mechanism/plain_prompt_acc"] == pytest.approx(rollout.metrics["draft/accuracy"])
