@@ -41,6 +41,19 @@ def build_tiny_tokenizer(path: str | Path, vocab_size: int = 512, kind: str = "b
     return build_tokenizer(tiny_corpus(seed=seed), path, vocab_size, kind=kind)
 
 
+def _tokenizer_into(out: Path, tokenizer: str | Path | None):
+    """Put a tokenizer into checkpoint directory ``out`` (a copy of ``tokenizer``; None: a new tiny one); load it."""
+    from transformers import AutoTokenizer
+
+    out.mkdir(parents=True, exist_ok=True)
+    if tokenizer is None:
+        build_tiny_tokenizer(out)
+        return AutoTokenizer.from_pretrained(str(out))
+    tok = AutoTokenizer.from_pretrained(str(tokenizer))
+    tok.save_pretrained(str(out))
+    return tok
+
+
 def build_tiny_qwen2(path: str | Path, tokenizer: str | Path | None = None, *, vocab_size: int | None = None,
                      hidden: int = 128, heads: int = 2, kv_heads: int = 1, layers: int = 2,
                      intermediate: int = 256, max_position: int = 1024, seed: int = 0,
@@ -50,16 +63,10 @@ def build_tiny_qwen2(path: str | Path, tokenizer: str | Path | None = None, *, v
     ``tokenizer``: an HF tokenizer directory to copy in; None trains a byte-level BPE on the tiny
     corpus. ``vocab_size``: None uses the tokenizer's size exactly (so every sampled id decodes).
     """
-    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+    from transformers import Qwen2Config, Qwen2ForCausalLM
 
     out = Path(path)
-    out.mkdir(parents=True, exist_ok=True)
-    if tokenizer is None:
-        build_tiny_tokenizer(out)
-        tok = AutoTokenizer.from_pretrained(str(out))
-    else:
-        tok = AutoTokenizer.from_pretrained(str(tokenizer))
-        tok.save_pretrained(str(out))
+    tok = _tokenizer_into(out, tokenizer)
     config = Qwen2Config(
         vocab_size=vocab_size or len(tok), hidden_size=hidden, intermediate_size=intermediate,
         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
@@ -85,19 +92,13 @@ def build_tiny_nemotron_h(path: str | Path, tokenizer: str | Path | None = None,
     2 * hidden / mamba_head_dim heads (8 of 32) in 2 groups (TP=2 splits both), untied embeddings.
     ``tokenizer`` and ``vocab_size`` as in :func:`build_tiny_qwen2`.
     """
-    from transformers import AutoTokenizer, NemotronHConfig, NemotronHForCausalLM
+    from transformers import NemotronHConfig, NemotronHForCausalLM
 
     from igrpo_megatron.models.hf_nemotron_h import CONV_KERNEL
 
     blocks = {"M": "linear_attention", "*": "full_attention", "-": "mlp"}
     out = Path(path)
-    out.mkdir(parents=True, exist_ok=True)
-    if tokenizer is None:
-        build_tiny_tokenizer(out)
-        tok = AutoTokenizer.from_pretrained(str(out))
-    else:
-        tok = AutoTokenizer.from_pretrained(str(tokenizer))
-        tok.save_pretrained(str(out))
+    tok = _tokenizer_into(out, tokenizer)
     config = NemotronHConfig(
         vocab_size=vocab_size or len(tok), hidden_size=hidden, layers_block_type=[blocks[s] for s in pattern],
         num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=hidden // heads,
