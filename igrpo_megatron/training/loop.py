@@ -39,6 +39,7 @@ from igrpo_megatron.training.batch import Sequence, TrainBatch
 from igrpo_megatron.training.interfaces import EvaluatorFactory
 from igrpo_megatron.training.preemption import PREEMPTED_EXIT_CODE, StopRequest, stop_agreed
 from igrpo_megatron.training.step_prompts import StepPrompts
+from igrpo_megatron.training.warmstart import WarmstartStopped, run_warmstart
 
 logger = logging.getLogger(__name__)
 
@@ -121,7 +122,13 @@ class RLTrainer:
         self._choose_checkpoint()  # before anything is built or started: a damaged one fails in seconds
         self._setup_run_dir()
         self._setup_tokenizer_and_data()
-        self._setup_policy()
+        try:
+            self._setup_policy()
+        except WarmstartStopped as stopped:
+            self.preempted = True  # nothing to save yet: the requeued run starts the warm-start again
+            logger.warning("%s; nothing saved, exit code %d (the next run starts the warm-start again)", stopped,
+                           PREEMPTED_EXIT_CODE)
+            return
         if self.rank0:
             self._setup_sidecar()
             self._setup_rollout()
@@ -178,11 +185,10 @@ class RLTrainer:
 
     def _setup_policy(self) -> None:
         from igrpo_megatron.training.policy import MegatronPolicy
-        from igrpo_megatron.training.warmstart import run_warmstart
 
         start_from = self.recipe.model.hf_path
         if self.recipe.trainer.warmstart.enabled:
-            start_from = str(run_warmstart(self.recipe, self.run_dir, self.tokenizer_dir, self.fmt))
+            start_from = str(run_warmstart(self.recipe, self.run_dir, self.tokenizer_dir, self.fmt, self.stop))
             self.recipe.model.hf_path = start_from
         self.initial_weights = start_from
         t = self.recipe.trainer
@@ -412,6 +418,8 @@ class RLTrainer:
 
     def train(self) -> None:
         t = self.recipe.trainer
+        if self.preempted:  # stopped during set-up (the warm-start)
+            return
         self._started = True
         if self.step == 0 and eval_due(0, t) and self.rank0:
             self._log(self._evaluate())

@@ -5,7 +5,9 @@ hundred supervised steps teach it the answer format and some arithmetic; RL then
 Supervised training reuses the RL step: with advantage 1 and the on-policy ratio (= 1) the policy
 loss's gradient is exactly that of the mean token negative log-likelihood.
 The result is written as a Hugging Face directory, which both the RL trainer and the vLLM
-sidecar start from; a finished warm-start is found and reused on resume.
+sidecar start from; a finished warm-start is found and reused on resume. A stop signal during it
+(:mod:`igrpo_megatron.training.preemption`) ends it at the next step: nothing is exported, and the
+requeued run starts the warm-start again (it is minutes long, and a half-trained one is not kept).
 """
 
 from __future__ import annotations
@@ -24,10 +26,19 @@ from igrpo_megatron.data.prompts import PromptFormatter
 from igrpo_megatron.data.synthetic import build_task
 from igrpo_megatron.rewards.pool import available_cores
 from igrpo_megatron.training.batch import Sequence, TrainBatch
+from igrpo_megatron.training.preemption import StopRequest, stop_agreed
 
 logger = logging.getLogger(__name__)
 
 DONE_MARK = "config.json"
+
+
+class WarmstartStopped(Exception):
+    """A stop signal arrived during the warm-start; every rank left it at the same step."""
+
+    def __init__(self, step: int, total: int) -> None:
+        super().__init__(f"warm-start stopped on a signal after step {step} of {total}")
+        self.step, self.total = step, total
 
 
 def _sequences(recipe: RecipeConfig, fmt: PromptFormatter) -> list[Sequence]:
@@ -69,8 +80,12 @@ def _supervised_recipe(recipe: RecipeConfig) -> RecipeConfig:
     return sft
 
 
-def run_warmstart(recipe: RecipeConfig, run_dir: Path, tokenizer_dir: Path, fmt: PromptFormatter) -> Path:
-    """Train, export to ``<run_dir>/warmstart`` and return it (collective; reused when already there)."""
+def run_warmstart(recipe: RecipeConfig, run_dir: Path, tokenizer_dir: Path, fmt: PromptFormatter,
+                  stop: StopRequest | None = None) -> Path:
+    """Train, export to ``<run_dir>/warmstart`` and return it (collective; reused when already there).
+
+    Raises :class:`WarmstartStopped` when ``stop`` was signalled on any rank.
+    """
     out = run_dir / "warmstart"
     if (out / DONE_MARK).exists():
         logger.info("warm-start found at %s; skipping it", out)
@@ -82,12 +97,13 @@ def run_warmstart(recipe: RecipeConfig, run_dir: Path, tokenizer_dir: Path, fmt:
         world = dist.get_world_size() if dist.is_initialized() else 1
         torch.set_num_threads(max(threads, available_cores() // world))
     try:
-        return _train_and_save(recipe, out, tokenizer_dir, sequences)
+        return _train_and_save(recipe, out, tokenizer_dir, sequences, stop)
     finally:
         torch.set_num_threads(threads)
 
 
-def _train_and_save(recipe: RecipeConfig, out: Path, tokenizer_dir: Path, sequences: list[Sequence]) -> Path:
+def _train_and_save(recipe: RecipeConfig, out: Path, tokenizer_dir: Path, sequences: list[Sequence],
+                    stop: StopRequest | None) -> Path:
     from igrpo_megatron.models.hf_io import save_hf_checkpoint
     from igrpo_megatron.training.policy import MegatronPolicy
 
@@ -97,6 +113,8 @@ def _train_and_save(recipe: RecipeConfig, out: Path, tokenizer_dir: Path, sequen
     rng = random.Random(recipe.run.seed)
     start = time.perf_counter()
     for step in range(1, ws.steps + 1):
+        if stop_agreed(stop):  # collective, every step: ranks leave together
+            raise WarmstartStopped(step - 1, ws.steps)
         metrics = policy.train_step(TrainBatch(rng.sample(sequences, ws.batch_size)))
         if step % 25 == 0 or step == ws.steps:
             rate = step / (time.perf_counter() - start)

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import os
 import signal
+from pathlib import Path
 
 import pytest
 
 from igrpo_megatron.training.preemption import PREEMPTED_EXIT_CODE, STOP_SIGNALS, StopRequest, stop_agreed
 from tests.helpers.distributed import run_on_ranks
+
+ROOT = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.faults
 
@@ -43,3 +46,23 @@ def _agree(rank, world_size, signalled_ranks):
 def test_ranks_agree_when_only_one_was_signalled():
     assert run_on_ranks(_agree, 2, args=((1,),)) == [True, True]
     assert run_on_ranks(_agree, 2, args=((),)) == [False, False]
+
+
+def _stop_during_warmstart(rank, world_size, run_root):
+    from igrpo_megatron.config import load_recipe
+    from igrpo_megatron.training.loop import run_training
+
+    recipe = load_recipe(ROOT / "recipes" / "tiny_cpu.yaml",
+                         [f"run.output_dir={run_root}", "trainer.eval_every=0", "trainer.warmstart.steps=5"])
+    stop = StopRequest()
+    stop.signum = signal.SIGUSR1  # as the handler sets it: the signal came while the warm-start was due
+    trainer = run_training(recipe, stop)
+    run_dir = trainer.run_dir
+    return trainer.preempted, (run_dir / "warmstart" / "config.json").exists(), (run_dir / "metrics.jsonl").exists()
+
+
+@pytest.mark.multiprocess
+def test_a_signal_during_the_warmstart_stops_it_without_exporting(tmp_path):
+    """The warm-start asks at every step (collectively), so a signal does not wait out its minutes."""
+    preempted, exported, logged = run_on_ranks(_stop_during_warmstart, 1, args=(str(tmp_path),))[0]
+    assert preempted and not exported and not logged
