@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 
+import torch
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer import TransformerConfig
@@ -59,8 +60,9 @@ def build_gpt(
     """One Megatron ``GPTModel`` chunk (a pipeline stage, or a virtual stage when ``vp_stage`` is set)."""
     config = make_transformer_config(model, parallel)
     spec: ModuleSpec | TransformerBlockSubmodules = gpt_layer_spec(model)
-    if parallel.sequence_parallel and not use_transformer_engine(model.transformer_impl):
-        spec = sequence_parallel_local_spec(spec, config, vp_stage)
+    if (parallel.sequence_parallel or config.params_dtype != torch.float32) and \
+            not use_transformer_engine(model.transformer_impl):
+        spec = sequence_parallel_local_spec(spec, config, vp_stage)  # its norm: SP and the model's dtype
     logger.debug("building qwen2 GPT: %d layers, hidden %d", model.num_layers, model.hidden_size)
     return GPTModel(
         config=config,

@@ -8,6 +8,10 @@ Megatron sums such gradients over the TP group in ``finalize_model_grads``
 parameter that carries the attribute ``sequence_parallel = True``; Transformer Engine's norms set
 it, and :class:`LocalRMSNorm` sets it the same way. The arithmetic is ``torch.nn.RMSNorm``'s, and
 the parameter is ``weight`` as before, so checkpoints and the HF mapping are unchanged.
+
+The weight is made in ``config.params_dtype``, as every other parameter (Megatron's local norm keeps
+float32 weights in a bf16 model, and its optimizer then pairs parameters with the wrong main
+parameters when a checkpoint is saved), so the local spec of a bf16 model uses this norm too.
 """
 
 from __future__ import annotations
@@ -25,6 +29,6 @@ class LocalRMSNorm(torch.nn.RMSNorm):
     """
 
     def __init__(self, config: Any, hidden_size: int, eps: float | None = None, **_: Any):
-        super().__init__(hidden_size, eps=config.layernorm_epsilon if eps is None else eps)
+        super().__init__(hidden_size, eps=config.layernorm_epsilon if eps is None else eps, dtype=config.params_dtype)
         # Read by megatron.core.distributed.finalize_model_grads: all-reduce this grad over TP.
         self.weight.sequence_parallel = bool(config.sequence_parallel)

@@ -52,10 +52,6 @@ def test_gpu_check_logprobs_match_float32(gpu_check):
     assert 0 < lp["mean_abs_diff"] < 0.05 and lp["max_abs_diff"] < 0.5
 
 
-@pytest.mark.xfail(strict=True, reason="bf16 training checkpoints fail to save with the local layer spec (no TE): "
-                   "its RMSNorm weights stay float32 (build_model_chunks does not wrap in Float16Module), and "
-                   "Megatron's optimizer then pairs parameters with the wrong main params (shape (128,) against "
-                   "(256,)); megatron-core 0.16.1 and 0.19.2; see bench/RESULTS.md")
 def test_gpu_check_checkpoint_round_trip(gpu_check):
     _, r = gpu_check
     assert r["checkpoint"]["ok"], r["checkpoint"]
