@@ -2,7 +2,8 @@
 
 Run A: 2 gloo ranks at TP=2, stopped after 2 of 4 steps (as if preempted).
 Run B: resumes A's run directory in one process at TP=1 and finishes steps 3 and 4.
-Run C: one process, TP=1, the same warm-start, 4 steps straight.
+Run C: one process, TP=1, the same warm-start, 4 steps straight (its metrics also carry the mechanism
+metrics of issue 18, checked at the end).
 A shows the distributed path works (finite losses, the sidecar's weight version advancing every
 step, checkpoints); B against C shows a resumed run, at another TP size, reproduces the straight
 one. The sidecar decodes one sequence at a time here, so sampling does not depend on batching.
@@ -20,6 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from igrpo_megatron.algorithms.mechanism import MechanismMetrics
 from tests.helpers.distributed import run_on_ranks
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -114,3 +116,48 @@ def test_weights_changed_and_match_between_resumed_and_straight(runs):
     for name, tensor in final_c.items():
         rel = ((final_a[name] - tensor).norm() / tensor.norm()).item()
         assert rel < 1e-4, f"{name}: resumed and straight runs differ by {rel:.1e}"
+
+
+# The mechanism metrics (issue 18) in run C: every step logs every ``mechanism/*`` metric, each in its
+# range, and the plain-prompt accuracy equals the drafts'.
+STEPS, PROMPTS = 4, 8
+RATES = ("plain_prompt_acc", "copy_rate", "copy_rate_draft_correct", "copy_rate_draft_incorrect")
+REWARDS = ("plain_prompt_reward", "refine_reward_draft_correct", "refine_reward_draft_incorrect")
+DELTAS = ("refine_delta_mean", "refine_delta_draft_correct", "refine_delta_draft_incorrect")
+COUNTS = ("num_refinements_draft_correct", "num_refinements_draft_incorrect")
+
+
+def _trained_steps(run_dir: Path) -> list[dict]:
+    return [h for h in _history(run_dir) if "loss" in h or "updates_skipped" in h]
+
+
+def test_every_mechanism_metric_is_logged_every_step(runs):
+    steps = _trained_steps(runs[2])
+    assert [h["step"] for h in steps] == list(range(1, STEPS + 1))
+    names = {f"mechanism/{n}" for n in MechanismMetrics.__dataclass_fields__}
+    assert names == {*(f"mechanism/{n}" for n in RATES + REWARDS + DELTAS + COUNTS)}
+    for h in steps:
+        assert names <= set(h), names - set(h)
+
+
+def test_mechanism_metrics_are_within_their_ranges(runs):
+    steps = _trained_steps(runs[2])
+    max_reward = 1.2  # reward.weights in the tiny recipe: math 1.0 + format 0.2
+    for h in steps:
+        m = {k.removeprefix("mechanism/"): v for k, v in h.items() if k.startswith("mechanism/")}
+        # PROMPTS prompts x 4 refinements, less those whose draft found no room in data.max_prompt_length
+        shown = m["num_refinements_draft_correct"] + m["num_refinements_draft_incorrect"]
+        assert shown == round(PROMPTS * 4 * (1 - h["draft_dropped_rate"])) and shown > 0
+        assert m["plain_prompt_acc"] == pytest.approx(h["draft/accuracy"])
+        assert m["plain_prompt_reward"] == pytest.approx(h["draft/reward_mean"])
+        for name in RATES:  # None (NaN) only when nothing was counted
+            assert m[name] is None or 0.0 <= m[name] <= 1.0, (name, m[name])
+        for name in REWARDS:
+            assert m[name] is None or 0.0 <= m[name] <= max_reward, (name, m[name])
+        for name in DELTAS:
+            assert m[name] is None or -max_reward <= m[name] <= max_reward, (name, m[name])
+        if m["num_refinements_draft_correct"] == 0:
+            assert m["refine_reward_draft_correct"] is None
+    # After the warm-start the drafts answer in format: the copy rate is a number on some step.
+    assert any(isinstance(h["mechanism/copy_rate"], float) and math.isfinite(h["mechanism/copy_rate"])
+               for h in steps)
