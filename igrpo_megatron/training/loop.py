@@ -431,9 +431,12 @@ class RLTrainer:
                 self._stop_early(saved)
                 break
             step_start = time.perf_counter()
-            prompts = StepPrompts(self.loader)  # rank 0 may draw more (dynamic sampling); agree() evens the loaders
-            batch, metrics = self._rollout(prompts.first, prompts.more)
-            prompts.agree()
+            prompts = StepPrompts(self.loader)
+            if self.recipe.algorithm.dynamic_sampling.enabled:  # rank 0 may draw more; agree() evens the loaders
+                batch, metrics = self._rollout(prompts.first, prompts.more)
+                prompts.agree()
+            else:  # no refills: no extra batches, and no collective to even them out
+                batch, metrics = self._rollout(prompts.first)
             metrics.update(self._train_guarded(batch))
             self.step += 1
             self._stop_if_diverged()
