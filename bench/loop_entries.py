@@ -23,7 +23,7 @@ import statistics
 import time
 
 from bench.common import EntryResult, Figure, python, run_logged
-from igrpo_megatron.models.transformer_config import fp8_pad_multiple
+from igrpo_megatron.config.layout import micro_batch_pad_multiple
 from igrpo_megatron.training.batch import Sequence, TrainBatch, build_micro_batch, plan_micro_batches
 
 LOOP_OVERRIDES = ["trainer.num_steps=3", "trainer.eval_every=3", "evaluation.hook.num_problems=32",
@@ -115,7 +115,7 @@ def _packed_positions(lengths: list[int], width: int) -> int:
 
 def bench_padding(ctx) -> EntryResult:
     rec = loop_record(ctx)
-    budget, pad_to = rec["micro_batch_tokens"], fp8_pad_multiple(ctx.recipe.model)
+    budget, pad_to = rec["micro_batch_tokens"], micro_batch_pad_multiple(ctx.recipe.model, ctx.recipe.parallel)
     real = planned = sorted_total = packed_total = 0
     for s in rec["steps"]:
         real += sum(mb["real_tokens"] for mb in s["micro_batches"])
