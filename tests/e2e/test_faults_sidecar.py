@@ -3,10 +3,11 @@
 One small run directory goes through, in order (one process each, the tiny recipe with a 5-step
 warm-start, 4 prompts per step, 6 RL steps planned):
 
-A. SIGUSR1 after step 1: the step in flight finishes, a checkpoint is saved (save_every=0, so only
-   the stop can have written it), the sidecar is stopped, summary.md written, exit code 75.
-B. Resume; SIGUSR1 then SIGHUP during a step: the second signal stops at once (exit 128 + 1) and
-   the sidecar is still stopped.
+A. SIGUSR1 after step 1 (step 2 held open by freezing the sidecar): the step in flight finishes, a
+   checkpoint is saved (save_every=0, so only the stop can have written it), the sidecar is
+   stopped, summary.md written, exit code 75.
+B. Resume; SIGUSR1 then SIGHUP during a step (held open by freezing the sidecar): the second signal
+   stops at once (exit 128 + 1) and the sidecar is still stopped.
 D. One ``.distcp`` file of the newest checkpoint truncated, ``checkpoint.resume=<it>`` with other
    settings: exit 2 with one line naming the file, before the sidecar starts; the run's recipe.yaml
    and summary.md are left as they were.
@@ -32,6 +33,7 @@ import pytest
 from igrpo_megatron.rollout.server import live_group_members
 from igrpo_megatron.training.preemption import PREEMPTED_EXIT_CODE
 from tests.helpers.distributed import run_on_ranks
+from tests.helpers.processes import frozen_group
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.vllm, pytest.mark.faults, pytest.mark.timeout(2400)]
@@ -112,7 +114,9 @@ def _need(state: dict, key: str):
 def test_sigusr1_finishes_the_step_saves_stops_the_sidecar_and_exits_75(state):
     run = Run(state["out"])
     run.wait_for(r"step 1/6")
-    run.proc.send_signal(signal.SIGUSR1)
+    with frozen_group(run.sidecar_pids()[-1]):  # step 2 lasts until the signal has been taken
+        run.proc.send_signal(signal.SIGUSR1)
+        run.wait_for(r"SIGUSR1 received: finishing the step in flight")
     rc = run.finish()
     assert rc == PREEMPTED_EXIT_CODE, run.output[-4000:]
     run_dir = state["run_dir"]
@@ -132,10 +136,14 @@ def test_sigusr1_finishes_the_step_saves_stops_the_sidecar_and_exits_75(state):
 def test_a_second_signal_stops_at_once_and_still_stops_the_sidecar(state):
     stopped = _need(state, "stopped")
     run = Run(state["out"], "trainer.save_every=1")  # resumes (checkpoint.resume: auto)
-    run.wait_for(rf"step {stopped + 1}/6")  # step stopped+1 is saved before this line; stopped+2 is running
-    run.proc.send_signal(signal.SIGUSR1)
-    time.sleep(0.5)
-    run.proc.send_signal(signal.SIGHUP)
+    run.wait_for(rf"step {stopped + 1}/6")  # step stopped+1 is saved before this line; stopped+2 is next
+    # Both signals must land inside step stopped+2, which may take under a second: the frozen sidecar
+    # holds the trainer in that step's first request until the second signal has been taken.
+    with frozen_group(run.sidecar_pids()[-1]):
+        run.proc.send_signal(signal.SIGUSR1)
+        run.wait_for(r"SIGUSR1 received: finishing the step in flight")
+        run.proc.send_signal(signal.SIGHUP)
+        run.wait_for(r"SIGHUP received again: stopping now")
     rc = run.finish()
     assert rc == 128 + signal.SIGHUP, run.output[-4000:]
     assert "SIGHUP received again: stopping now" in run.output
