@@ -7,7 +7,8 @@ this machine; each job gets private /tmp and /dev/shm on each node through job_c
   rank 0's child and gets weights through /dev/shm). It also makes the warm-start the other jobs
   start from, and is the uninterrupted reference of the preemption test.
 - preempted: the same job sent USR1 after its first RL step (as Slurm's --signal=B:USR1@180 would
-  before a time limit) saves a checkpoint, requeues itself, resumes and must end where the
+  before a time limit; the sidecar is frozen meanwhile, so the signal lands inside a step that is
+  not the last) saves a checkpoint, requeues itself, resumes and must end where the
   reference ends, with the same weights.
 - heterogeneous: slurm/igrpo.sbatch with the sidecar group on one node and a 2-rank trainer group
   (TP=2) on the other. The two components share no /dev/shm or /tmp, so weights can only cross over
@@ -33,6 +34,7 @@ import torch
 
 from igrpo_megatron.config.ports import free_port
 from tests.helpers.distributed import run_on_ranks
+from tests.helpers.processes import frozen_group
 from tests.slurm.conftest import private_tmp_blocker
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -64,8 +66,20 @@ def _job_log(out: Path, job_id: int) -> str:
 
 
 def _finished(slurm, out: Path, job_id: int, restarts: int = 0):
-    job = slurm.wait(job_id, JOB_TIMEOUT_S, until=lambda j: j.done and j.restarts >= restarts)
+    ended_at: list[float] = []  # when the job was first seen ended with fewer restarts than expected
+
+    def settled(job) -> bool:
+        if not job.done:
+            ended_at.clear()
+            return False
+        if job.restarts >= restarts:
+            return True
+        ended_at[:] = ended_at or [time.monotonic()]
+        return time.monotonic() - ended_at[0] > 30  # a requeue would have shown by now: stop waiting
+
+    job = slurm.wait(job_id, JOB_TIMEOUT_S, until=settled)
     log = _job_log(out, job_id)
+    assert job.restarts >= restarts, f"{job}: ended without its requeue\n{log[-6000:]}"
     assert job.states == ["COMPLETED"] * len(job.states), f"{job}\n{log[-6000:]}"
     assert all(code == "0:0" for code in job.exit_codes), f"{job}\n{log[-6000:]}"
     return job, log
@@ -111,14 +125,25 @@ def preempted(slurm, colocated):
     job_id = _submit(slurm, out)
     run_dir = out / "tiny-cpu"
     deadline = time.monotonic() + JOB_TIMEOUT_S
-    while not _steps(run_dir):  # part-way: after the first RL step
-        assert time.monotonic() < deadline, _job_log(out, job_id)[-6000:]
-        job = slurm.job(job_id)
-        assert job is not None and not job.done, f"{job}: ended before its first step\n{_job_log(out, job_id)[-6000:]}"
-        time.sleep(1.0)
-    signalled_after = max(h["step"] for h in _steps(run_dir))
-    # What Slurm does 180 s before the time limit (the scripts ask for --signal=B:USR1@180).
-    subprocess.run(["scancel", "--signal=USR1", "--batch", str(job_id)], env=slurm.env, check=True, timeout=60)
+
+    def wait_for(what: str, done) -> None:
+        while not done():
+            assert time.monotonic() < deadline, f"no {what}\n{_job_log(out, job_id)[-6000:]}"
+            job = slurm.job(job_id)
+            assert job is not None and not job.done, f"{job}: ended before {what}\n{_job_log(out, job_id)[-6000:]}"
+            time.sleep(0.2)
+
+    # Part-way: after the first RL step (a step without an update logs no loss, but always its time).
+    wait_for("first RL step", lambda: any("time/step" in h for h in _history(run_dir)))
+    signalled_after = max(h["step"] for h in _history(run_dir) if "time/step" in h)
+    # A tiny step can end before the signal has made its way through scancel, the batch script and
+    # rank 0's handler; were that the last step, the run would just finish. Freezing the sidecar
+    # (same machine) holds the trainer in its next step until the signal has been taken.
+    sidecar = int(re.findall(r"started vLLM server pid (\d+)", _job_log(out, job_id))[-1])
+    with frozen_group(sidecar):
+        # What Slurm does 180 s before the time limit (the scripts ask for --signal=B:USR1@180).
+        subprocess.run(["scancel", "--signal=USR1", "--batch", str(job_id)], env=slurm.env, check=True, timeout=60)
+        wait_for("USR1 taken by the trainer", lambda: "SIGUSR1 received: finishing" in _job_log(out, job_id))
     job, log = _finished(slurm, out, job_id, restarts=1)
     return job, log, run_dir, signalled_after
 
