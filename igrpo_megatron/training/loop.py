@@ -295,7 +295,7 @@ class RLTrainer:
 
     def _rollout_rank0(self, records, more_prompts=None) -> tuple[TrainBatch, dict[str, float]]:
         from igrpo_megatron.rollout.interfaces import StaleWeightsError
-        from igrpo_megatron.training.metrics import rollout_mechanism_metrics
+        from igrpo_megatron.rollout.mechanism import rollout_mechanism_metrics
 
         rollout = self.client.run(self.rollout.run(records, self.step, more_prompts))
         batch, extra = build_train_batch(rollout, self.recipe)

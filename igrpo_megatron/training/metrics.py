@@ -1,8 +1,6 @@
 """The one rank-0 metrics logger: metrics.jsonl (always), TensorBoard and W&B (when configured).
 
 The run's ``run.tags`` become W&B run tags and a TensorBoard text entry (``run/tags``).
-:func:`rollout_mechanism_metrics` adds the ``mechanism/*`` metrics of a step's rollouts
-(``algorithms.mechanism``: refinement vs draft, copy rate, plain-prompt accuracy).
 """
 
 from __future__ import annotations
@@ -13,12 +11,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-from igrpo_megatron.algorithms.mechanism import RefinementPair, mechanism_metrics
 from igrpo_megatron.config.files import write_text
-from igrpo_megatron.config.reward import AnswerExtractionConfig
 from igrpo_megatron.config.training import LoggingConfig
-from igrpo_megatron.rewards.extraction import extract_answer
-from igrpo_megatron.rollout.two_stage import RolloutBatch
 
 logger = logging.getLogger(__name__)
 
@@ -74,22 +68,3 @@ class MetricsLogger:
             self._tb.close()
         if self._wandb is not None:
             self._wandb.finish()
-
-
-def rollout_mechanism_metrics(rollout: RolloutBatch, extraction: AnswerExtractionConfig) -> dict[str, float]:
-    """``mechanism/*`` metrics of one step's rollouts (see :mod:`igrpo_megatron.algorithms.mechanism`).
-
-    Plain-prompt samples are the drafts (iGRPO) or the GRPO samples; a pair is every refinement whose
-    prompt showed a draft (``draft_source`` set; every round), with the sample it was shown. Final
-    answers are extracted with ``reward.extraction``, as the reward does.
-    """
-    plain = [s for s in rollout.samples if s.stage in ("draft", "grpo")]
-    pairs = []
-    for s in rollout.samples:
-        if s.stage != "refine" or s.draft_source is None:
-            continue
-        d = rollout.samples[s.draft_source]
-        pairs.append(RefinementPair(draft_reward=d.reward, draft_correct=d.correct,
-                                    draft_answer=extract_answer(d.text, extraction),
-                                    refine_reward=s.reward, refine_answer=extract_answer(s.text, extraction)))
-    return mechanism_metrics([s.reward for s in plain], [s.correct for s in plain], pairs).as_dict()

@@ -1,7 +1,7 @@
 """The mechanism metrics (issue 18): refinement vs its draft, copy rate, plain-prompt accuracy.
 
 The pure function on hand-made pairs, then the function the training loop calls
-(``training.metrics.rollout_mechanism_metrics``) on a real ``TwoStageRollout`` step driven by the
+(``rollout.mechanism.rollout_mechanism_metrics``) on a real ``TwoStageRollout`` step driven by the
 scripted engine of tests/helpers/scripted_rollout.py, scored by the real training rewards.
 """
 
@@ -65,7 +65,7 @@ def test_mismatched_plain_inputs_are_an_error():
 def test_the_loop_function_on_a_scripted_two_stage_step(fmt, rewards):
     from igrpo_megatron.config.algorithm import AlgorithmConfig
     from igrpo_megatron.config.reward import RewardConfig
-    from igrpo_megatron.training.metrics import rollout_mechanism_metrics
+    from igrpo_megatron.rollout.mechanism import rollout_mechanism_metrics
     from tests.helpers.scripted_rollout import ScriptedEngine, problems, run_step, seed_table, table_script
 
     golds = [5, 7]
