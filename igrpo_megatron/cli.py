@@ -64,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--variants", default="grpo,igrpo",
                      help="comma list of arms, the first is the baseline: grpo, igrpo, igrpo:<selection rule> "
                           "(best, worst, random, best_incorrect); default grpo,igrpo")
+    cmp.add_argument("--warmstart", choices=("shared", "per-seed"), default="shared",
+                     help="shared (default): one warm-start, trained with the first seed, for every run, so the "
+                          "seeds vary RL alone; per-seed: one per seed")
 
     ev = sub.add_parser("eval", help="pass@k evaluation on AIME24/25, MATH-500, AMC23 or custom sets")
     ev.add_argument("recipe_or_checkpoint", nargs="?",
@@ -157,7 +160,7 @@ def _compare(args: argparse.Namespace) -> int:
     from igrpo_megatron.training.compare import run_compare
 
     root = run_compare(args.recipe, args.overrides, args.seeds, args.output_dir, evaluator=PeriodicEvaluator,
-                       variants=args.variants)
+                       variants=args.variants, warmstart=args.warmstart)
     logger.info("comparison: %s", (root / "compare.md").resolve())
     return 0
 

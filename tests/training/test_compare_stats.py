@@ -10,9 +10,16 @@ from pathlib import Path
 
 import pytest
 
-from igrpo_megatron.config import load_recipe
+from igrpo_megatron.config import load_recipe, save_resolved_recipe
 from igrpo_megatron.config.errors import UserError
-from igrpo_megatron.training.compare import _curves, _history, final_per_problem, parse_variants, write_report
+from igrpo_megatron.training.compare import (
+    _curves,
+    _history,
+    final_per_problem,
+    finished_run,
+    parse_variants,
+    write_report,
+)
 from igrpo_megatron.training.compare_stats import (
     paired_problem_interval,
     paired_seed_interval,
@@ -135,3 +142,31 @@ def test_a_bad_variant_is_one_line_and_exit_2_before_anything_runs(tmp_path, cap
     err = capsys.readouterr().err.strip()
     assert err.startswith("igrpo: --variants 'grpo,igrpo:greedy': unknown variant") and "\n" not in err
     assert not list(tmp_path.iterdir())  # nothing was trained or written
+
+
+def test_a_run_is_reused_only_when_finished_with_the_same_recipe(tmp_path):
+    recipe_path = ROOT / "recipes" / "tiny_cpu.yaml"
+    here = load_recipe(recipe_path, ["run.seed=2", f"run.output_dir={tmp_path / 'new'}"])
+    run_dir = tmp_path / "old" / "igrpo-seed2"
+    # The same run made elsewhere (another output directory): reused once its last checkpoint is the final one.
+    made = load_recipe(recipe_path, ["run.seed=2", f"run.output_dir={tmp_path / 'old'}"])
+    made.model.hf_path = str(run_dir / "warmstart")  # what training writes there after its warm-start
+    save_resolved_recipe(made, run_dir)
+    assert not finished_run(run_dir, here)  # no checkpoint yet
+    (run_dir / "checkpoints").mkdir()
+    (run_dir / "checkpoints" / "latest").write_text(f"step_{here.trainer.num_steps - 1:06d}\n")
+    assert not finished_run(run_dir, here)  # stopped one step short
+    (run_dir / "checkpoints" / "latest").write_text(f"step_{here.trainer.num_steps:06d}\n")
+    assert finished_run(run_dir, here)
+    # Any other setting makes it another run.
+    assert not finished_run(run_dir, load_recipe(recipe_path, ["run.seed=3", f"run.output_dir={tmp_path / 'new'}"]))
+    assert not finished_run(run_dir, load_recipe(recipe_path, ["run.seed=2", "algorithm.igrpo.selection.rule=worst",
+                                                               f"run.output_dir={tmp_path / 'new'}"]))
+
+
+def test_an_unknown_warmstart_mode_is_a_user_error(tmp_path):
+    from igrpo_megatron.training.compare import run_compare
+
+    with pytest.raises(UserError, match="--warmstart 'once'"):
+        run_compare(str(ROOT / "recipes" / "tiny_cpu.yaml"), [], [1], str(tmp_path), warmstart="once")
+    assert not list(tmp_path.iterdir())
