@@ -157,10 +157,18 @@ def _train(args: argparse.Namespace) -> int:
 @command("compare")
 def _compare(args: argparse.Namespace) -> int:
     from igrpo_megatron.evaluation.hook import PeriodicEvaluator
-    from igrpo_megatron.training.compare import run_compare
+    from igrpo_megatron.training.compare import CompareStopped, run_compare
+    from igrpo_megatron.training.preemption import PREEMPTED_EXIT_CODE, StopRequest
 
-    root = run_compare(args.recipe, args.overrides, args.seeds, args.output_dir, evaluator=PeriodicEvaluator,
-                       variants=args.variants, warmstart=args.warmstart)
+    # A signal stops the run in flight as in `igrpo train` (step, checkpoint, sidecar) and then the compare.
+    try:
+        with StopRequest() as stop:
+            root = run_compare(args.recipe, args.overrides, args.seeds, args.output_dir,
+                               evaluator=PeriodicEvaluator, variants=args.variants, warmstart=args.warmstart,
+                               stop=stop)
+    except CompareStopped as exc:
+        logger.warning("%s", exc)
+        return PREEMPTED_EXIT_CODE
     logger.info("comparison: %s", (root / "compare.md").resolve())
     return 0
 

@@ -14,7 +14,8 @@ and a 3-seed compare costs one warm-start. ``--warmstart per-seed`` trains one p
 intervals over seeds also hold the warm-start's own noise. A run directory that already holds a
 finished run of the same recipe (``recipe.yaml`` equal but for ``run.output_dir``, its last
 checkpoint at ``trainer.num_steps``) is reused, not trained again: a stopped compare picks up
-where it was. Writes to the output directory:
+where it was. A stop signal (SIGUSR1, SIGTERM, SIGHUP) ends the run in flight as in ``igrpo train``
+(step, checkpoint, sidecar) and then the compare, with exit code 75. Writes to the output directory:
 
 * ``compare.md``: per arm, held-out pass@1 before and after RL (mean ± sd, per seed), the final
   trained reward and the generated completions and tokens; per arm against the baseline, the mean
@@ -44,6 +45,7 @@ from igrpo_megatron.config.evaluation import HELDOUT_BENCHMARK
 from igrpo_megatron.config.files import atomic_write, write_text
 from igrpo_megatron.training.compare_stats import paired_problem_interval, paired_seed_interval
 from igrpo_megatron.training.interfaces import EvaluatorFactory
+from igrpo_megatron.training.preemption import StopRequest
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +63,15 @@ STEP_SERIES = {"plain_acc_step": "mechanism/plain_prompt_acc", "beats_draft_step
 
 class CompareError(UserError, ValueError):
     """A bad ``igrpo compare`` argument (e.g. an unknown variant)."""
+
+
+class CompareStopped(Exception):
+    """A stop signal ended the run in flight (after its checkpoint); the arms after it were not started."""
+
+    def __init__(self, run_dir: Path) -> None:
+        super().__init__(f"compare stopped on a signal during {run_dir}; run the same command again to go on "
+                         "(finished runs are reused, the stopped one resumes from its checkpoint)")
+        self.run_dir = run_dir
 
 
 def parse_variants(spec: str) -> dict[str, list[str]]:
@@ -273,11 +284,12 @@ def finished_run(run_dir: Path, recipe: Any) -> bool:
 
 def run_compare(recipe_path: str, overrides: list[str], seeds: list[int], out_dir: str | None = None,
                 evaluator: EvaluatorFactory | None = None, variants: str = DEFAULT_VARIANTS,
-                warmstart: str = "shared") -> Path:
+                warmstart: str = "shared", stop: StopRequest | None = None) -> Path:
     """Train every arm of ``variants`` for every seed (one after the other, in this process) and report.
 
     ``evaluator`` builds each run's held-out evaluation (``evaluation.hook.PeriodicEvaluator``);
-    ``warmstart``: ``shared`` (one for the whole compare) or ``per-seed``.
+    ``warmstart``: ``shared`` (one for the whole compare) or ``per-seed``. A signal caught by
+    ``stop`` ends the run in flight as ``igrpo train`` would and raises :class:`CompareStopped`.
     """
     from igrpo_megatron.training.loop import run_training
 
@@ -303,7 +315,8 @@ def run_compare(recipe_path: str, overrides: list[str], seeds: list[int], out_di
                 if first_dir is not None:
                     _share_warmstart(first_dir, run_dir)
                 logger.info("compare: %s (seed %d)", arm, seed)
-                run_training(recipe, evaluator=evaluator)
+                if run_training(recipe, stop, evaluator=evaluator).preempted:
+                    raise CompareStopped(run_dir)
             first_dir = first_dir or run_dir
             results[arm][seed] = _curves(_history(run_dir), arm)
             per_problem[arm][seed] = final_per_problem(run_dir)

@@ -1,13 +1,16 @@
 """Signals stop a run at a step boundary every rank agrees on (issue 22 item 1; issue 13 item 2).
 
 The whole path (a real `igrpo train` with its sidecar, SIGUSR1 and a second signal) is in
-tests/e2e/test_faults_sidecar.py; here the handler with real signals, and the agreement on 2 ranks.
+tests/e2e/test_faults_sidecar.py; here the handler with real signals, the agreement on 2 ranks, and
+`igrpo compare` stopping with the run in flight.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -66,3 +69,25 @@ def test_a_signal_during_the_warmstart_stops_it_without_exporting(tmp_path):
     """The warm-start asks at every step (collectively), so a signal does not wait out its minutes."""
     preempted, exported, logged = run_on_ranks(_stop_during_warmstart, 1, args=(str(tmp_path),))[0]
     assert preempted and not exported and not logged
+
+
+def test_a_signal_stops_igrpo_compare_after_the_run_in_flight(tmp_path):
+    """`igrpo compare` stops as `igrpo train` does (here during the first run's warm-start), exits 75 and
+    starts no further arm; a second compare goes on from there (tests/training/test_compare.py)."""
+    out = tmp_path / "cmp"
+    cmd = [sys.executable, "-m", "igrpo_megatron.cli", "compare", "recipes/tiny_cpu.yaml", "trainer.eval_every=0",
+           "trainer.warmstart.steps=100000", "trainer.warmstart.batch_size=1", "--seeds", "1,2", "--output", str(out)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in proc.stdout:  # the warm-start logs every 25 steps: it is under way
+        lines.append(line)
+        if "warm-start 25/100000" in line:
+            proc.send_signal(signal.SIGUSR1)
+            break
+    lines.extend(proc.stdout)
+    rc = proc.wait(timeout=300)
+    output = "".join(lines)
+    assert rc == PREEMPTED_EXIT_CODE, output[-4000:]
+    assert f"compare stopped on a signal during {out / 'grpo-seed1'}" in output
+    assert sorted(p.name for p in out.iterdir()) == ["grpo-seed1"]  # igrpo-seed1 and seed 2 never started
+    assert not (out / "grpo-seed1" / "warmstart" / "config.json").exists()
