@@ -9,7 +9,8 @@ All arms of a seed start from the same warm-start and tokenizer, see the same pr
 evaluated on the same held-out problems; GRPO samples ``algorithm.group_size`` completions per
 prompt, iGRPO ``N + K x G`` (the recipe's budget check makes them equal). ``--warmstart shared``
 (the default) trains the warm-start once, with the first seed, and starts every run from it: the
-seeds then vary RL alone (sampling, prompt order), as RL papers run seeds from one SFT checkpoint,
+seeds then vary RL (sampling, prompt order) and the synthetic held-out draw, not the warm-start,
+as RL papers run seeds from one SFT checkpoint,
 and a 3-seed compare costs one warm-start. ``--warmstart per-seed`` trains one per seed, so the
 intervals over seeds also hold the warm-start's own noise. A run directory that already holds a
 finished run of the same recipe (``recipe.yaml`` equal but for ``run.output_dir``, its last
@@ -51,7 +52,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_VARIANTS = "grpo,igrpo"
 WARMSTART_MODES = ("shared", "per-seed")
-WARMSTART_TEXT = {"shared": "one for every run (trained with seed {}); the seeds vary RL alone",
+WARMSTART_TEXT = {"shared": "one for every run (trained with seed {}); the seeds vary RL, not the warm-start",
                   "per-seed": "one per seed; the seeds vary the warm-start and RL"}
 HELDOUT = f"eval/{HELDOUT_BENCHMARK}/pass@1"
 # (series name, metrics.jsonl key) logged every step; see algorithms.mechanism and algorithms.igrpo.
