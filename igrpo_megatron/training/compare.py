@@ -347,7 +347,8 @@ def write_report(root: Path, recipe_path: str, overrides: list[str], seeds: list
             f"per prompt, iGRPO N + K x G = {ig.num_drafts} + {ig.num_rounds} x {ig.num_refinements} = "
             f"{ig.completions_per_prompt()}; generated completions {'matched' if matched else 'NOT matched'} "
             f"(compare.json). Warm-start: {WARMSTART_TEXT[warmstart].format(seeds[0])}.\n\n{table}\n\n## Against {baseline}\n\nFinal held-out pass@1, arm - {baseline}. Over "
-            "seeds: Student-t interval of the per-seed differences (training noise). Over seed x problem: paired t "
+            "seeds: Student-t interval of the per-seed differences (RL's noise and the held-out draw's, and the "
+            "warm-start's with --warmstart per-seed). Over seed x problem: paired t "
             "interval of the per-problem pass@1 differences pooled across seeds (evaluation noise only, given the "
             f"trained models). * = the interval excludes 0.\n\n{_diff_table(diffs)}\n")
     if mechanism:
