@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "(best, worst, random, best_incorrect); default grpo,igrpo")
     cmp.add_argument("--warmstart", choices=("shared", "per-seed"), default="shared",
                      help="shared (default): one warm-start, trained with the first seed, for every run, so the "
-                          "seeds vary RL alone; per-seed: one per seed")
+                          "seeds vary RL, not the warm-start; per-seed: one per seed")
 
     ev = sub.add_parser("eval", help="pass@k evaluation on AIME24/25, MATH-500, AMC23 or custom sets")
     ev.add_argument("recipe_or_checkpoint", nargs="?",

@@ -9,10 +9,10 @@ All arms of a seed start from the same warm-start and tokenizer, see the same pr
 evaluated on the same held-out problems; GRPO samples ``algorithm.group_size`` completions per
 prompt, iGRPO ``N + K x G`` (the recipe's budget check makes them equal). ``--warmstart shared``
 (the default) trains the warm-start once, with the first seed, and starts every run from it: the
-seeds then vary RL (sampling, prompt order) and the synthetic held-out draw, not the warm-start,
-as RL papers run seeds from one SFT checkpoint,
-and a 3-seed compare costs one warm-start. ``--warmstart per-seed`` trains one per seed, so the
-intervals over seeds also hold the warm-start's own noise. A run directory that already holds a
+seeds then vary RL (sampling, prompt order) and the synthetic held-out draw, not the warm-start, as
+RL papers run seeds from one SFT checkpoint, and a 3-seed compare costs one warm-start.
+``--warmstart per-seed`` trains one per seed, so the intervals over seeds also hold the
+warm-start's own noise. A run directory that already holds a
 finished run of the same recipe (``recipe.yaml`` equal but for ``run.output_dir``, its last
 checkpoint at ``trainer.num_steps``) is reused, not trained again: a stopped compare picks up
 where it was. A stop signal (SIGUSR1, SIGTERM, SIGHUP) ends the run in flight as in ``igrpo train``
@@ -44,6 +44,7 @@ from igrpo_megatron.config.algorithm import SELECTION_RULES
 from igrpo_megatron.config.errors import UserError
 from igrpo_megatron.config.evaluation import HELDOUT_BENCHMARK
 from igrpo_megatron.config.files import atomic_write, write_text
+from igrpo_megatron.config.schema import RecipeConfig
 from igrpo_megatron.training.compare_stats import paired_problem_interval, paired_seed_interval
 from igrpo_megatron.training.interfaces import EvaluatorFactory
 from igrpo_megatron.training.preemption import StopRequest
@@ -270,7 +271,7 @@ def _share_warmstart(src: Path, dst: Path) -> None:
             shutil.copytree(src / name, dst / name)
 
 
-def finished_run(run_dir: Path, recipe: Any) -> bool:
+def finished_run(run_dir: Path, recipe: RecipeConfig) -> bool:
     """Whether ``run_dir`` holds a finished run of ``recipe`` (its output directory aside)."""
     saved, latest = run_dir / "recipe.yaml", run_dir / "checkpoints" / "latest"
     if not (saved.exists() and latest.exists()):
@@ -346,7 +347,8 @@ def write_report(root: Path, recipe_path: str, overrides: list[str], seeds: list
     text = (f"# {' vs '.join(arms)}: {recipe_path}, seeds {seeds}\n\nBudget: GRPO samples {base.algorithm.group_size} "
             f"per prompt, iGRPO N + K x G = {ig.num_drafts} + {ig.num_rounds} x {ig.num_refinements} = "
             f"{ig.completions_per_prompt()}; generated completions {'matched' if matched else 'NOT matched'} "
-            f"(compare.json). Warm-start: {WARMSTART_TEXT[warmstart].format(seeds[0])}.\n\n{table}\n\n## Against {baseline}\n\nFinal held-out pass@1, arm - {baseline}. Over "
+            f"(compare.json). Warm-start: {WARMSTART_TEXT[warmstart].format(seeds[0])}.\n\n{table}\n\n"
+            f"## Against {baseline}\n\nFinal held-out pass@1, arm - {baseline}. Over "
             "seeds: Student-t interval of the per-seed differences (RL's noise and the held-out draw's, and the "
             "warm-start's with --warmstart per-seed). Over seed x problem: paired t "
             "interval of the per-problem pass@1 differences pooled across seeds (evaluation noise only, given the "
