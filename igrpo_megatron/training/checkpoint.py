@@ -107,7 +107,8 @@ class CheckpointError(UserError, ValueError):
 _OPTIM_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
 
 
-def _step_dir(root: Path, step: int) -> Path:
+def step_dir(root: Path, step: int) -> Path:
+    """Where the checkpoint of ``step`` lives under ``root``."""
     return root / f"step_{step:06d}"
 
 
@@ -281,7 +282,7 @@ def save_training_checkpoint(root: str | os.PathLike, step: int, chunks: list[to
                              trainer_state: dict, recipe_yaml: str, keep_last: int = 0) -> Path:
     """Save everything needed to continue at ``step`` (collective). Atomic: temp dir, rename, pointer."""
     root = Path(root)
-    final = _step_dir(root, step)
+    final = step_dir(root, step)
     tmp = final.with_name(final.name + ".tmp")
     rank0 = _is_rank0()
     if rank0:

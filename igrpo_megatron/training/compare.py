@@ -13,8 +13,8 @@ seeds then vary RL (sampling, prompt order) and the synthetic held-out draw, not
 RL papers run seeds from one SFT checkpoint, and a 3-seed compare costs one warm-start.
 ``--warmstart per-seed`` trains one per seed, so the intervals over seeds also hold the
 warm-start's own noise. A run directory that already holds a
-finished run of the same recipe (``recipe.yaml`` equal but for ``run.output_dir``, its last
-checkpoint at ``trainer.num_steps``) is reused, not trained again: a stopped compare picks up
+finished run of the same recipe (``recipe.yaml`` equal but for ``run.output_dir``, its newest
+complete checkpoint at ``trainer.num_steps``) is reused, not trained again: a stopped compare picks up
 where it was. A stop signal (SIGUSR1, SIGTERM, SIGHUP) ends the run in flight as in ``igrpo train``
 (step, checkpoint, sidecar) and then the compare, with exit code 75. Writes to the output directory:
 
@@ -272,11 +272,12 @@ def _share_warmstart(src: Path, dst: Path) -> None:
 
 
 def finished_run(run_dir: Path, recipe: RecipeConfig) -> bool:
-    """Whether ``run_dir`` holds a finished run of ``recipe`` (its output directory aside)."""
-    saved, latest = run_dir / "recipe.yaml", run_dir / "checkpoints" / "latest"
-    if not (saved.exists() and latest.exists()):
-        return False
-    if latest.read_text().strip() != f"step_{recipe.trainer.num_steps:06d}":
+    """Whether ``run_dir`` holds a finished run of ``recipe`` (its output directory aside): its newest
+    complete, undamaged checkpoint is the one of the last step."""
+    from igrpo_megatron.training.checkpoint import find_latest, step_dir
+
+    saved, root = run_dir / "recipe.yaml", run_dir / "checkpoints"
+    if not saved.exists() or find_latest(root) != step_dir(root, recipe.trainer.num_steps):
         return False
     previous = load_recipe(saved, [f"run.output_dir={recipe.run.output_dir}"])
     if recipe.trainer.warmstart.enabled and recipe.model.hf_path is None:

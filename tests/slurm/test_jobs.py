@@ -66,16 +66,17 @@ def _job_log(out: Path, job_id: int) -> str:
 
 
 def _finished(slurm, out: Path, job_id: int, restarts: int = 0):
-    ended_at: list[float] = []  # when the job was first seen ended with fewer restarts than expected
+    ended_at: float | None = None  # when the job was first seen ended with fewer restarts than expected
 
     def settled(job) -> bool:
+        nonlocal ended_at
         if not job.done:
-            ended_at.clear()
+            ended_at = None
             return False
         if job.restarts >= restarts:
             return True
-        ended_at[:] = ended_at or [time.monotonic()]
-        return time.monotonic() - ended_at[0] > 30  # a requeue would have shown by now: stop waiting
+        ended_at = ended_at or time.monotonic()
+        return time.monotonic() - ended_at > 30  # a requeue would have shown by now: stop waiting
 
     job = slurm.wait(job_id, JOB_TIMEOUT_S, until=settled)
     log = _job_log(out, job_id)

@@ -12,6 +12,7 @@ import pytest
 
 from igrpo_megatron.config import load_recipe, save_resolved_recipe
 from igrpo_megatron.config.errors import UserError
+from igrpo_megatron.training.checkpoint import TRAINER_STATE
 from igrpo_megatron.training.compare import (
     _curves,
     _history,
@@ -153,7 +154,10 @@ def test_a_run_is_reused_only_when_finished_with_the_same_recipe(tmp_path):
     made.model.hf_path = str(run_dir / "warmstart")  # what training writes there after its warm-start
     save_resolved_recipe(made, run_dir)
     assert not finished_run(run_dir, here)  # no checkpoint yet
-    (run_dir / "checkpoints").mkdir()
+    for step in (here.trainer.num_steps - 1, here.trainer.num_steps):  # what a complete save leaves behind
+        (run_dir / "checkpoints" / f"step_{step:06d}").mkdir(parents=True)
+        for name in ("metadata.json", TRAINER_STATE):
+            (run_dir / "checkpoints" / f"step_{step:06d}" / name).write_text("{}")
     (run_dir / "checkpoints" / "latest").write_text(f"step_{here.trainer.num_steps - 1:06d}\n")
     assert not finished_run(run_dir, here)  # stopped one step short
     (run_dir / "checkpoints" / "latest").write_text(f"step_{here.trainer.num_steps:06d}\n")
